@@ -1,0 +1,259 @@
+"""The space file: a YAML sweep description, validated before anything runs.
+
+Unknown keys, bad ranges and unknown backbones are errors that name the file, the field, the
+value received and the rule (in the spirit of Optuna's argument checks). Example::
+
+    name: default
+    task: covid_vs_rest
+    data: {synthetic: {n_patients: 48, shortcut: 0.9}}
+    folds: 3
+    epochs: 6
+    num_samples: 10
+    objective: {mode: weighted, metric: balanced_accuracy, w: 0.5}
+    space:
+      backbone: {choice: [efficientnet_lite0, efficientnet_lite1]}
+      lr: {loguniform: [3.0e-4, 3.0e-2]}
+      crop_margin: {choice: [0.0, 0.08]}
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ray import tune
+
+from trainable.backbones import available_backbones
+from trainable.data import TASKS
+from trainable.errors import CxrtuneError
+from trainable.images import AUGMENT_POLICIES
+from trainable.prepare import Settings
+from trainable.trial import TRIAL_DEFAULTS
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+METRICS = ("balanced_accuracy", "macro_f1", "auc", "accuracy")
+
+
+class SpaceError(CxrtuneError, ValueError):
+    """The space file breaks a rule."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Choice(_Strict):
+    choice: list[Any] = Field(min_length=1)
+
+
+class Uniform(_Strict):
+    uniform: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Uniform":
+        lo, hi = self.uniform
+        if not lo < hi:
+            raise ValueError(f"uniform needs low < high (got [{lo}, {hi}])")
+        return self
+
+
+class LogUniform(_Strict):
+    loguniform: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _positive_ordered(self) -> "LogUniform":
+        lo, hi = self.loguniform
+        if not 0 < lo < hi:
+            raise ValueError(f"loguniform needs 0 < low < high (got [{lo}, {hi}])")
+        return self
+
+
+class RandInt(_Strict):
+    randint: tuple[int, int]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RandInt":
+        lo, hi = self.randint
+        if not lo < hi:
+            raise ValueError(f"randint needs low < high, high exclusive (got [{lo}, {hi}])")
+        return self
+
+
+Param = Union[Choice, Uniform, LogUniform, RandInt, bool, int, float, str]
+
+
+class Synthetic(_Strict):
+    n_patients: int = Field(48, ge=6)
+    size: int = Field(256, ge=32, le=1024)
+    shortcut: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int = 0
+
+
+class DataSpec(_Strict):
+    synthetic: Synthetic | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if (self.synthetic is None) == (self.path is None):
+            raise ValueError("data needs exactly one of `synthetic` or `path`")
+        return self
+
+
+class Objective(_Strict):
+    mode: Literal["weighted", "constraint"] = "weighted"
+    metric: Literal[METRICS] = "balanced_accuracy"  # type: ignore[valid-type]
+    w: float = Field(0.5, ge=0.0)
+    lung_floor: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class Asha(_Strict):
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class Resources(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+
+
+class SweepSpec(_Strict):
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9._-]+$")
+    task: str = "covid_vs_rest"
+    data: DataSpec = DataSpec(synthetic=Synthetic())
+    folds: int = Field(3, ge=2, le=20)
+    epochs: int = Field(6, ge=1)
+    num_samples: int = Field(8, ge=1)
+    max_concurrent: int = Field(0, ge=0)  # 0 = as many as resources allow
+    seed: int = 0
+    base_size: int = Field(256, ge=32, le=2048)
+    input_size: int = Field(224, ge=32, le=1024)
+    views: int = Field(4, ge=1, le=64)
+    edge_band: float = Field(0.08, ge=0.0, lt=0.5)
+    atlas_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    max_failures: int = Field(1, ge=0)
+    objective: Objective = Objective()
+    asha: Asha = Asha()
+    resources: Resources = Resources()
+    space: dict[str, Param]
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)} (got {v!r})")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _known_params(cls, space: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(space) - set(TRIAL_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; known: {sorted(TRIAL_DEFAULTS)}")
+        for key, param in space.items():
+            for value in _values(param) or []:
+                _check_value(key, value)
+        return space
+
+    @model_validator(mode="after")
+    def _grace_within_epochs(self) -> "SweepSpec":
+        if self.asha.grace_period > self.epochs:
+            raise ValueError(f"asha.grace_period ({self.asha.grace_period}) must be <= epochs ({self.epochs})")
+        return self
+
+    def settings(self) -> Settings:
+        return Settings(folds=self.folds, epochs=self.epochs, seed=self.seed, base_size=self.base_size,
+                        input_size=self.input_size, views=self.views, edge_band=self.edge_band,
+                        atlas_threshold=self.atlas_threshold)
+
+    def choices(self, key: str) -> list[Any]:
+        """Every value `key` can take (categorical keys only; the default when not in the space)."""
+        param = self.space.get(key, TRIAL_DEFAULTS[key])
+        values = _values(param)
+        if values is None:
+            raise SpaceError(f"space.{key} must be a fixed value or a `choice` (it selects cached features)")
+        return values
+
+
+def _values(param: Any) -> list[Any] | None:
+    """The finite set of values of a parameter, or None for a continuous range."""
+    if isinstance(param, Choice):
+        return list(param.choice)
+    if isinstance(param, (Uniform, LogUniform, RandInt)):
+        return None
+    return [param]
+
+
+def _check_value(key: str, value: Any) -> None:
+    if key == "backbone" and value not in available_backbones():
+        raise ValueError(f"unknown backbone {value!r}; known: {available_backbones()}")
+    if key == "augment" and value not in AUGMENT_POLICIES:
+        raise ValueError(f"augment must be one of {list(AUGMENT_POLICIES)} (got {value!r})")
+    if key == "crop_margin" and not (isinstance(value, (int, float)) and 0 <= value < 0.4):
+        raise ValueError(f"crop_margin must be a number in [0, 0.4) (got {value!r})")
+    if key in ("hidden", "batch_size") and not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"{key} must be an integer >= 1 (got {value!r})")
+    if key == "dropout" and not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise ValueError(f"dropout must be in [0, 1) (got {value!r})")
+    if key in ("lr", "weight_decay") and not (isinstance(value, (int, float)) and value >= 0):
+        raise ValueError(f"{key} must be a number >= 0 (got {value!r})")
+    if key == "weights" and not (value in ("imagenet", "random") or Path(str(value)).suffix):
+        raise ValueError(f"weights must be 'imagenet', 'random' or a weights file path (got {value!r})")
+
+
+def resolve_space_file(space: str | Path) -> Path:
+    """A path, or the name of a file in spaces/ (`default` → spaces/default.yaml)."""
+    p = Path(space)
+    if p.is_file():
+        return p
+    named = SPACES_DIR / f"{space}.yaml"
+    if named.is_file():
+        return named
+    raise SpaceError(f"space file {space} not found (neither a file nor a name in {SPACES_DIR})")
+
+
+def load_space(space: str | Path) -> SweepSpec:
+    path = resolve_space_file(space)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{path}: not valid YAML ({str(e).splitlines()[0]}; {getattr(e, 'problem_mark', '')})") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: the top level must be a mapping of settings (got {type(raw).__name__})")
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpaceError(f"{path}: {_first_error(e)}") from None
+
+
+def _first_error(e: ValidationError) -> str:
+    """One line: the field path, the rule and the value received (union noise dropped)."""
+    errors = e.errors()
+    # a union error reports every member; prefer the message that is not a type mismatch
+    rank = {"value_error": 0, "extra_forbidden": 1, "missing": 2}
+    best = min(errors, key=lambda x: rank.get(x["type"], 3))
+    loc = ".".join(str(p) for p in best["loc"] if not str(p)[0].isupper() and "[" not in str(p))
+    msg = best["msg"].removeprefix("Value error, ")
+    if best["type"] == "extra_forbidden":
+        msg = "unknown key (not allowed here)"
+    value = best.get("input")
+    shown = "" if best["type"] in ("value_error", "missing") else f" (got {value!r})"
+    return f"{loc}: {msg}{shown}"
+
+
+def tune_param_space(spec: SweepSpec) -> dict[str, Any]:
+    """The space as Ray Tune search domains; fixed values pass through as constants."""
+    out: dict[str, Any] = {}
+    for key, param in spec.space.items():
+        if isinstance(param, Choice):
+            out[key] = tune.choice(param.choice)
+        elif isinstance(param, Uniform):
+            out[key] = tune.uniform(*param.uniform)
+        elif isinstance(param, LogUniform):
+            out[key] = tune.loguniform(*param.loguniform)
+        elif isinstance(param, RandInt):
+            out[key] = tune.randint(*param.randint)
+        else:
+            out[key] = param
+    return out

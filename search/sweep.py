@@ -1,0 +1,140 @@
+"""Run a sweep: space file + data → Ray Tune (OptunaSearch + ASHA) → results directory.
+
+The driver validates everything first (space, data, folds, weights), then prepares the shared
+arrays once (`trainable.prepare`), then hands `trainable.trial.run_trial` to a Tuner.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from itertools import product
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from search.objective import make_score
+from search.progress import ProgressLine
+from search.results import SweepError, write_results
+from search.space import SpaceError, SweepSpec, Synthetic, tune_param_space
+from trainable.data import Dataset, load_dataset
+from trainable.features import FeatureKey
+from trainable.folds import patient_folds
+from trainable.phantom import synthesize
+from trainable.prepare import Prepared, prepare_sweep
+from trainable.trial import run_trial
+from trainable.weights import offline_available
+
+
+def results_dir_for(out: str | Path, name: str) -> Path:
+    """`out/name`, refusing to reuse a directory that already holds a sweep (nothing is overwritten)."""
+    d = (Path(out) / name).resolve()
+    if d.exists() and any(d.iterdir()):
+        raise SweepError(f"{d} already holds results; choose another --name (nothing was changed)")
+    return d
+
+
+def resolve_data(spec: SweepSpec, data: str | None, results: Path, log: Callable[[str], None]) -> Dataset:
+    """`--data` wins over the space file; `synthetic` generates the phantom set into results/data."""
+    if data is None and spec.data.path is not None:
+        data = spec.data.path
+    if data is None or data == "synthetic":
+        syn = spec.data.synthetic or Synthetic()
+        t0 = time.perf_counter()
+        manifest = synthesize(results / "data", n_patients=syn.n_patients, size=syn.size,
+                              shortcut=syn.shortcut, seed=syn.seed)
+        log(f"generated phantom data set ({syn.n_patients} patients, {syn.size}px, shortcut {syn.shortcut}) "
+            f"in {time.perf_counter() - t0:.1f}s → {manifest.parent}")
+        return load_dataset(manifest.parent, spec.task)
+    return load_dataset(Path(data).resolve(), spec.task)
+
+
+def feature_keys(spec: SweepSpec) -> list[FeatureKey]:
+    return [FeatureKey(b, str(w), float(m), spec.input_size) for b, w, m in
+            product(spec.choices("backbone"), spec.choices("weights"), spec.choices("crop_margin"))]
+
+
+def check_weights(spec: SweepSpec, log: Callable[[str], None]) -> None:
+    """Fail before any work when a backbone has no weights this machine can load."""
+    for backbone, weights in product(spec.choices("backbone"), spec.choices("weights")):
+        if weights == "random":
+            continue
+        if weights != "imagenet":
+            if not Path(weights).is_file():
+                raise SpaceError(f"space.weights: file {weights} does not exist")
+            continue
+        ok, where = offline_available(backbone)
+        if ok:
+            continue
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+            raise SpaceError(f"backbone {backbone!r}: no pretrained weights available offline ({where}) "
+                             f"and HF_HUB_OFFLINE is set; use `weights: random` or a weights file")
+        log(f"warning: backbone {backbone!r} has no offline weights ({where}); they will be downloaded")
+
+
+def start_ray(address: str | None, log: Callable[[str], None]) -> None:
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME") if k in os.environ}
+    # Tune starts one trial at a time with a searcher unless more may be pending
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(2, int(os.cpu_count() or 2))))
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env} if env else None)
+    res = ray.cluster_resources()
+    log(f"ray cluster: {int(res.get('CPU', 0))} CPU, {res.get('GPU', 0):g} GPU, "
+        f"{len(ray.nodes())} node(s)")
+
+
+def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
+              out: str | Path = "results", name: str | None = None, address: str | None = None,
+              log: Callable[[str], None] = print) -> Path:
+    """Validate, prepare, search, write results; returns the results directory."""
+    t_start = time.time()
+    results = results_dir_for(out, name or spec.name)
+    check_weights(spec, log)
+    results.mkdir(parents=True, exist_ok=True)
+    dataset = resolve_data(spec, data, results, log)
+    # the folds are checked here, before decoding and before Ray starts
+    patient_folds(dataset.labels, dataset.patients, dataset.classes, spec.folds, spec.seed)
+    log(f"data: {len(dataset)} images, {len(set(dataset.patients))} patients, classes "
+        + ", ".join(f"{c}={int((dataset.labels == k).sum())}" for k, c in enumerate(dataset.classes)))
+    start_ray(address, log)
+    prepared = prepare_sweep(dataset, spec.settings(), feature_keys(spec), spec.choices("augment"),
+                             cpus=spec.resources.cpus_per_trial, gpus=spec.resources.gpus_per_trial,
+                             progress=log)
+    result_grid = tune_search(spec, prepared, results, log)
+    write_results(results, spec, space_file, dataset, prepared, result_grid,
+                  wall_s=time.time() - t_start, log=log)
+    return results
+
+
+def tune_search(spec: SweepSpec, prepared: Prepared, results: Path,
+                log: Callable[[str], None]) -> tune.ResultGrid:
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, prepared=prepared, score=make_score(spec.objective)),
+        {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial})
+    searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed))
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.epochs,
+                              grace_period=spec.asha.grace_period,
+                              reduction_factor=spec.asha.reduction_factor)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=tune_param_space(spec),
+        tune_config=tune.TuneConfig(metric="objective", mode="max", search_alg=searcher,
+                                    scheduler=scheduler, num_samples=spec.num_samples,
+                                    max_concurrent_trials=spec.max_concurrent or None),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str(results), verbose=0,
+            callbacks=[ProgressLine(spec.num_samples, spec.epochs, spec.objective.metric, log)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
+    )
+    (results / "space.json").write_text(json.dumps(
+        {"spec": spec.model_dump(mode="json"), "settings": asdict(spec.settings())}, indent=2))
+    return tuner.fit()

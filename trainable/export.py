@@ -1,0 +1,116 @@
+"""Entry point 3 of 3: export a trial's configuration as a model users can load, and load it.
+
+An export directory holds
+  model.pt       state_dict of `Classifier` (backbone + global-average-pool + head)
+  metadata.json  backbone name, weights provenance, classes, preprocessing (base size, crop,
+                 input size, mean/std, channels), Grad-CAM target layer (dotted name in the
+                 module), the trial config and its cross-validated metrics.
+The head is refit on every image of the sweep for the trial's best number of epochs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainable.backbones import build_backbone
+from trainable.features import FeatureSet
+from trainable.head import Classifier, Head, class_weights, train_one_epoch
+from trainable.images import geometry, read_gray, to_model_input
+from trainable.prepare import Prepared
+from trainable.trial import feature_key, new_fold_state, train_view, with_defaults
+
+
+def refit_head(config: dict, prepared: Prepared, fs: FeatureSet, epochs: int) -> Head:
+    """Train the head on all images (same schedule and views as a trial's fold)."""
+    config = with_defaults(config)
+    pooled = fs.pooled[config["augment"]]
+    labels = torch.as_tensor(np.array(prepared.labels))
+    st = new_fold_state(config, pooled.shape[-1], len(prepared.classes), prepared.settings.seed)
+    weight = class_weights(prepared.labels, len(prepared.classes)) if config["class_weighted"] else None
+    for epoch in range(epochs):
+        v = train_view(epoch, len(pooled), prepared.settings.seed, 0)
+        train_one_epoch(st.head, st.optimizer, torch.tensor(pooled[v]), labels,
+                        int(config["batch_size"]), st.generator, weight)
+    return st.head.eval()
+
+
+def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: int,
+                 metrics: dict) -> Path:
+    """Refit and write `out_dir` atomically (a temp dir renamed into place)."""
+    config = with_defaults(config)
+    fs = prepared.feature_set(feature_key(config, prepared))
+    head = refit_head(config, prepared, fs, max(1, epochs))
+    backbone = build_backbone(config["backbone"], config["weights"])
+    model = Classifier(backbone.model, head).eval()
+    meta = {
+        "format": "cxrtune-model/1",
+        "backbone": config["backbone"],
+        "weights": fs.weights_info,
+        "classes": list(prepared.classes),
+        "num_features": int(backbone.num_features),
+        "hidden": int(config["hidden"]),
+        "dropout": float(config["dropout"]),
+        "preprocessing": {**fs.preprocessing, "base_size": prepared.settings.base_size,
+                          "grayscale": True, "value_range": "[0, 1] before mean/std"},
+        "target_layer": f"backbone.{backbone.target_layer}",
+        "edge_band": prepared.settings.edge_band,
+        "config": config,
+        "epochs": int(epochs),
+        "cv_metrics": metrics,
+        "data_hash": prepared.data_hash,
+    }
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    torch.save(model.state_dict(), tmp / "model.pt")
+    (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    return str(o)
+
+
+def load_model(model_dir: str | Path) -> tuple[Classifier, dict]:
+    """The exported `torch.nn.Module` in eval mode (input: preprocessed float N×C×H×W) and its metadata.
+
+    >>> model, meta = load_model("results/default/best")          # doctest: +SKIP
+    >>> x = preprocess_image("chest.png", meta)                    # doctest: +SKIP
+    >>> probs = model(x).softmax(1)                                # doctest: +SKIP
+    """
+    model_dir = Path(model_dir)
+    meta_file = model_dir / "metadata.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a cxrtune model directory (no metadata.json)")
+    meta = json.loads(meta_file.read_text())
+    backbone = build_backbone(meta["backbone"], "random")  # weights come from model.pt, no download
+    head = Head(meta["num_features"], meta["hidden"], len(meta["classes"]), meta["dropout"])
+    model = Classifier(backbone.model, head)
+    model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval(), meta
+
+
+def preprocess_image(image: str | Path | np.ndarray, meta: dict) -> torch.Tensor:
+    """A grayscale image (file or uint8 array) → the model's input tensor (1, C, H, W)."""
+    pre = meta["preprocessing"]
+    size = pre["base_size"]
+    if not isinstance(image, np.ndarray):
+        image = read_gray(str(image), size)
+    elif image.shape != (size, size):
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    x = geometry(image[None], pre["crop_margin"], pre["input_size"])
+    return to_model_input(x, pre["in_chans"], tuple(pre["mean"]), tuple(pre["std"]))

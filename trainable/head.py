@@ -1,0 +1,59 @@
+"""The new classification head and its training loop on pooled backbone features."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Head(nn.Module):
+    """Linear(C, hidden) → ReLU → Dropout → Linear(hidden, classes), applied to pooled features."""
+
+    def __init__(self, in_features: int, hidden: int, n_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, n_classes))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net(pooled)
+
+
+class Classifier(nn.Module):
+    """Backbone feature maps → global average pool → Head: the model a user loads and explains."""
+
+    def __init__(self, backbone: nn.Module, head: Head) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x).mean(dim=(2, 3)))
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (mean 1) so a minority class counts as much as the majority."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    w = counts.sum() / (n_classes * np.maximum(counts, 1))
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def train_one_epoch(head: Head, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                    batch_size: int, generator: torch.Generator, weight: torch.Tensor | None) -> float:
+    """One pass over (x, y) in shuffled mini-batches; returns the mean training loss."""
+    head.train()
+    order = torch.randperm(len(x), generator=generator)
+    total = 0.0
+    for s in range(0, len(x), batch_size):
+        idx = order[s:s + batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(head(x[idx]), y[idx], weight=weight)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(idx)
+    return total / len(x)
+
+
+@torch.no_grad()
+def predict_proba(head: Head, x: torch.Tensor) -> np.ndarray:
+    head.eval()
+    return torch.softmax(head(x), dim=1).numpy()

@@ -1,0 +1,147 @@
+"""Entry point 2 of 3: one trial = K patient-grouped folds trained in lockstep, one epoch at a time.
+
+After every epoch the trial reports the cross-validated means (so ASHA stops trials on CV
+evidence, never on one fold), the Grad-CAM lung / edge mass on the validation images, the
+objective, and a checkpoint of the K heads (small: the frozen backbone is not in it).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+
+from trainable.explain import explanation_scores
+from trainable.features import FeatureKey, FeatureSet
+from trainable.head import Head, class_weights, predict_proba, train_one_epoch
+from trainable.images import edge_band
+from trainable.metrics import classification_metrics
+from trainable.prepare import Prepared
+
+# search-space keys a trial understands, with their defaults
+TRIAL_DEFAULTS: dict[str, object] = {
+    "backbone": "efficientnet_lite0",
+    "weights": "imagenet",
+    "hidden": 256,
+    "dropout": 0.2,
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "batch_size": 32,
+    "augment": "none",
+    "crop_margin": 0.0,
+    "class_weighted": True,
+}
+
+ScoreFn = Callable[[dict[str, float]], float]
+
+
+def feature_key(config: dict, prepared: Prepared) -> FeatureKey:
+    return FeatureKey(backbone=config["backbone"], weights=config["weights"],
+                      crop_margin=float(config["crop_margin"]), input_size=prepared.settings.input_size)
+
+
+def with_defaults(config: dict) -> dict:
+    unknown = set(config) - set(TRIAL_DEFAULTS)
+    if unknown:
+        raise KeyError(f"unknown trial config key(s): {sorted(unknown)}")
+    return {**TRIAL_DEFAULTS, **config}
+
+
+@dataclass
+class FoldState:
+    head: Head
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+
+
+def new_fold_state(config: dict, n_features: int, n_classes: int, seed: int) -> FoldState:
+    torch.manual_seed(seed)
+    head = Head(n_features, int(config["hidden"]), n_classes, float(config["dropout"]))
+    opt = torch.optim.Adam(head.parameters(), lr=float(config["lr"]),
+                           weight_decay=float(config["weight_decay"]))
+    return FoldState(head, opt, torch.Generator().manual_seed(seed))
+
+
+def train_view(epoch: int, n_views: int, seed: int, fold: int) -> int:
+    """Which cached augmentation view a fold trains on in an epoch (0 when there is no augmentation)."""
+    if n_views <= 1:
+        return 0
+    return int(np.random.default_rng([seed, fold, epoch]).integers(n_views))
+
+
+def run_epoch(states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,
+              epoch: int) -> dict[str, float]:
+    """Train every fold once, validate, score Grad-CAM; return CV means (plus per-fold lists)."""
+    s = prepared.settings
+    pooled = fs.pooled[config["augment"]]
+    labels = torch.as_tensor(np.array(prepared.labels))
+    lung = prepared.lung_masks[float(config["crop_margin"])]
+    edge = edge_band(s.input_size, s.edge_band)
+    per_fold: dict[str, list[float]] = {}
+    for k, ((tr, va), st) in enumerate(zip(prepared.folds, states)):
+        v = train_view(epoch, len(pooled), s.seed, k)
+        x_tr = torch.from_numpy(pooled[v][tr])
+        weight = class_weights(prepared.labels[tr], len(prepared.classes)) if config["class_weighted"] else None
+        train_loss = train_one_epoch(st.head, st.optimizer, x_tr, labels[tr], int(config["batch_size"]),
+                                     st.generator, weight)
+        probs = predict_proba(st.head, torch.from_numpy(pooled[0][va]))
+        m = classification_metrics(prepared.labels[va], probs, len(prepared.classes))
+        lung_mass, edge_mass = explanation_scores(st.head, torch.from_numpy(fs.maps[va]), labels[va],
+                                                  lung[va], edge)
+        m.update(train_loss=train_loss, lung_mass=float(lung_mass.mean()),
+                 edge_mass=float(edge_mass.mean()),
+                 lung_enrichment=float(lung_mass.mean() / max(lung[va].mean(), 1e-9)))
+        for name, value in m.items():
+            per_fold.setdefault(name, []).append(value)
+    return {name: float(np.nanmean(values)) for name, values in per_fold.items()} | {
+        f"fold_{name}": values for name, values in per_fold.items() if name in ("balanced_accuracy", "lung_mass")}
+
+
+def _save(d: str, states: list[FoldState], epoch: int, history: list[dict]) -> tune.Checkpoint:
+    torch.save({"epoch": epoch, "history": history,
+                "heads": [st.head.state_dict() for st in states],
+                "optimizers": [st.optimizer.state_dict() for st in states],
+                "generators": [st.generator.get_state() for st in states]},
+               os.path.join(d, "state.pt"))
+    return tune.Checkpoint.from_directory(d)
+
+
+def _restore(states: list[FoldState], checkpoint: tune.Checkpoint) -> tuple[int, list[dict]]:
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    for st, h, o, g in zip(states, state["heads"], state["optimizers"], state["generators"]):
+        st.head.load_state_dict(h)
+        st.optimizer.load_state_dict(o)
+        st.generator.set_state(g)
+    return state["epoch"], state["history"]
+
+
+def run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
+    """Ray Tune function trainable: reads `config`, reports CV metrics and a checkpoint per epoch."""
+    config = with_defaults(config)
+    torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
+    fs = prepared.feature_set(feature_key(config, prepared))
+    n_classes = len(prepared.classes)
+    states = [new_fold_state(config, fs.maps.shape[1], n_classes, prepared.settings.seed + k)
+              for k in range(len(prepared.folds))]
+    start_epoch, history = 0, []
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        start_epoch, history = _restore(states, checkpoint)
+    node = ray.get_runtime_context().get_node_id()
+    for epoch in range(start_epoch, prepared.settings.epochs):
+        metrics = run_epoch(states, config, prepared, fs, epoch)
+        metrics["objective"] = float(score(metrics))
+        metrics["epoch"] = epoch + 1
+        history.append({k: v for k, v in metrics.items() if not k.startswith("fold_")})
+        info = {"node_id": node, "weights_source": fs.weights_info.get("source", ""),
+                "weights_sha256": fs.weights_info.get("sha256") or "",
+                "cam_grid": "x".join(map(str, fs.maps.shape[2:]))}
+        with tempfile.TemporaryDirectory(prefix="cxrtune-ckpt-") as d:
+            tune.report(metrics | info, checkpoint=_save(d, states, epoch + 1, history))
+
