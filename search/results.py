@@ -67,6 +67,18 @@ def trial_rows(result_grid: tune.ResultGrid, epochs: int) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def epoch_history(result_grid: tune.ResultGrid) -> pd.DataFrame:
+    """One row per (trial, epoch) with every reported metric: the curves behind trials.csv."""
+    frames = []
+    for result in result_grid:
+        h = result.metrics_dataframe
+        if h is None or h.empty:
+            continue
+        keep = [c for c in ("trial_id", "epoch", *REPORTED, "train_loss", "time_total_s") if c in h]
+        frames.append(h[keep])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["trial_id", "epoch"])
+
+
 def leaderboard_markdown(df: pd.DataFrame, metric: str, searched: list[str], title: str) -> str:
     ok = df[df["status"] == "TERMINATED"]
     cols = ["trial_id", *searched, "epochs_run", "stopped_early", f"best_{metric}",
@@ -109,9 +121,8 @@ def _why(ok: pd.DataFrame, metric: str) -> str:
 def write_results(results: Path, spec, space_file: Path, dataset: Dataset, prepared: Prepared,
                   result_grid: tune.ResultGrid, wall_s: float, log: Callable[[str], None] = print) -> None:
     df = trial_rows(result_grid, spec.epochs)
-    tmp = results / ".trials.csv.tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, results / "trials.csv")
+    atomic_write_text(results / "trials.csv", df.to_csv(index=False))
+    atomic_write_text(results / "history.csv", epoch_history(result_grid).to_csv(index=False))
     searched = [k for k, v in spec.space.items() if isinstance(v, BaseModel)]
     metric = spec.objective.metric
     atomic_write_text(results / "leaderboard.md",

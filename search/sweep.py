@@ -21,7 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.objective import make_score
 from search.progress import ProgressLine
-from search.results import SweepError, write_results
+from search.results import SweepError, atomic_write_text, write_results
 from search.space import SpaceError, SweepSpec, Synthetic, tune_param_space
 from trainable.data import Dataset, load_dataset
 from trainable.features import FeatureKey
@@ -84,6 +84,8 @@ def start_ray(address: str | None, log: Callable[[str], None]) -> None:
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME") if k in os.environ}
     # Tune starts one trial at a time with a searcher unless more may be pending
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(2, int(os.cpu_count() or 2))))
+    # checkpoints are a few hundred kB of head weights: Tune's snapshot warning is noise here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env} if env else None)
     res = ray.cluster_resources()
@@ -104,26 +106,39 @@ def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
     patient_folds(dataset.labels, dataset.patients, dataset.classes, spec.folds, spec.seed)
     log(f"data: {len(dataset)} images, {len(set(dataset.patients))} patients, classes "
         + ", ".join(f"{c}={int((dataset.labels == k).sum())}" for k, c in enumerate(dataset.classes)))
+    atomic_write_text(results / "space.json", json.dumps(
+        {"spec": spec.model_dump(mode="json"), "settings": asdict(spec.settings()),
+         "space_file": str(Path(space_file).resolve()), "data": str(dataset.root)}, indent=2))
     start_ray(address, log)
-    prepared = prepare_sweep(dataset, spec.settings(), feature_keys(spec), spec.choices("augment"),
-                             cpus=spec.resources.cpus_per_trial, gpus=spec.resources.gpus_per_trial,
-                             progress=log)
-    result_grid = tune_search(spec, prepared, results, log)
+    prepared = prepare(spec, dataset, log)
+    result_grid = make_tuner(spec, prepared, results, log).fit()
     write_results(results, spec, space_file, dataset, prepared, result_grid,
                   wall_s=time.time() - t_start, log=log)
     return results
 
 
-def tune_search(spec: SweepSpec, prepared: Prepared, results: Path,
-                log: Callable[[str], None]) -> tune.ResultGrid:
-    trainable = tune.with_resources(
+def prepare(spec: SweepSpec, dataset: Dataset, log: Callable[[str], None]) -> Prepared:
+    """Decode, split and compute the shared features once (Ray must be running)."""
+    return prepare_sweep(dataset, spec.settings(), feature_keys(spec), spec.choices("augment"),
+                         cpus=spec.resources.cpus_per_trial, gpus=spec.resources.gpus_per_trial,
+                         progress=log)
+
+
+def make_trainable(spec: SweepSpec, prepared: Prepared):
+    """The function trainable with the shared arrays and the score bound, and its resources."""
+    return tune.with_resources(
         tune.with_parameters(run_trial, prepared=prepared, score=make_score(spec.objective)),
         {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial})
+
+
+def make_tuner(spec: SweepSpec, prepared: Prepared, results: Path,
+               log: Callable[[str], None]) -> tune.Tuner:
+    trainable = make_trainable(spec, prepared)
     searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed))
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.epochs,
                               grace_period=spec.asha.grace_period,
                               reduction_factor=spec.asha.reduction_factor)
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space=tune_param_space(spec),
         tune_config=tune.TuneConfig(metric="objective", mode="max", search_alg=searcher,
@@ -135,6 +150,3 @@ def tune_search(spec: SweepSpec, prepared: Prepared, results: Path,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     )
-    (results / "space.json").write_text(json.dumps(
-        {"spec": spec.model_dump(mode="json"), "settings": asdict(spec.settings())}, indent=2))
-    return tuner.fit()

@@ -1,0 +1,105 @@
+"""End to end: `cxrtune run` on a tiny space, on a real local Ray cluster, writes what users open."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from trainable.export import load_model, preprocess_image
+
+TINY_SPACE = """
+name: tiny
+task: covid_vs_rest
+data: {synthetic: {n_patients: 18, size: 96, shortcut: 0.9, seed: 3}}
+folds: 2
+epochs: 2
+num_samples: 4
+base_size: 96
+input_size: 64
+views: 2
+objective: {mode: weighted, metric: balanced_accuracy, w: 0.5}
+asha: {grace_period: 1, reduction_factor: 2}
+space:
+  backbone: efficientnet_lite0
+  weights: imagenet
+  hidden: {choice: [16, 32]}
+  lr: {loguniform: [1.0e-3, 1.0e-2]}
+  augment: {choice: [none, light]}
+  crop_margin: {choice: [0.0, 0.08]}
+"""
+
+METRIC_KEYS = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "loss", "lung_mass", "edge_mass",
+               "lung_enrichment", "objective")
+
+
+def _cxrtune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("sweep")
+    (work / "tiny.yaml").write_text(TINY_SPACE)
+    proc = _cxrtune("run", "--space", str(work / "tiny.yaml"), "--out", str(work / "results"),
+                    "--name", "t1", cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work / "results" / "t1"
+
+
+def test_run_writes_trials_leaderboard_and_best(tiny_run: Path) -> None:
+    trials = pd.read_csv(tiny_run / "trials.csv")
+    assert len(trials) == 4 and (trials["status"] == "TERMINATED").all()
+    for key in ("hidden", "lr", "augment", "crop_margin", "epochs_run", "stopped_early",
+                *(f"best_{k}" for k in METRIC_KEYS), *(f"final_{k}" for k in METRIC_KEYS)):
+        assert key in trials, key
+    assert trials["best_objective"].is_monotonic_decreasing
+    assert trials["weights_source"].str.startswith("package:efficientnet-lite0").all()
+    assert trials["trial_id"].nunique() == 4
+    board = (tiny_run / "leaderboard.md").read_text()
+    assert f"Winner: trial {trials['trial_id'][0]}" in board
+    history = pd.read_csv(tiny_run / "history.csv")
+    assert len(history) == trials["epochs_run"].sum()
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["trials"] == 4 and summary["best_trial"] == trials["trial_id"][0]
+
+
+def test_exported_best_model_loads_and_predicts(tiny_run: Path) -> None:
+    model, meta = load_model(tiny_run / "best")
+    assert meta["classes"] == ["rest", "covid"] and meta["backbone"] == "efficientnet_lite0"
+    image = next((tiny_run / "data" / "images").glob("*.png"))
+    x = preprocess_image(image, meta)
+    assert x.shape == (1, 3, 64, 64)
+    with torch.no_grad():
+        probs = model(x).softmax(1)
+    assert probs.shape == (1, 2) and torch.allclose(probs.sum(), torch.tensor(1.0))
+    assert isinstance(model.get_submodule(meta["target_layer"]), torch.nn.Module)
+
+
+def test_existing_results_are_never_overwritten(tiny_run: Path) -> None:
+    before = (tiny_run / "trials.csv").read_bytes()
+    proc = _cxrtune("run", "--space", str(tiny_run.parent.parent / "tiny.yaml"), "--out",
+                    str(tiny_run.parent), "--name", "t1", cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2
+    assert "already holds results" in proc.stderr
+    assert (tiny_run / "trials.csv").read_bytes() == before
+
+
+def test_missing_data_path_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = _cxrtune("run", "--data", "/nonexistent", "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "/nonexistent" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_bad_space_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space:\n  lr: {loguniform: [0, 1]}\n")
+    proc = _cxrtune("run", "--space", str(bad), "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "loguniform needs 0 < low < high" in proc.stderr and str(bad) in proc.stderr
