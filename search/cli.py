@@ -65,6 +65,34 @@ def data_synth(
 
 
 @app.command()
+def select(
+    results: Path = typer.Argument(..., help="A finished sweep's results directory."),
+    within: Optional[float] = typer.Option(None, help="Metric tolerance Δ (default: the space's select_within)."),
+    metric: Optional[str] = typer.Option(None, help="Metric column (default: the space's objective metric)."),
+) -> None:
+    """Export the most lung-focused trial whose metric is within Δ of the best to RESULTS/selected/."""
+    from search.select import export_selection
+
+    export_selection(results, within=within, metric=metric,
+                     log=lambda m: console.print(m, markup=False, highlight=False))
+
+
+@app.command()
+def explain(
+    images: list[Path] = typer.Argument(..., help="Image files (PNG/JPEG/…)."),
+    model: Path = typer.Option(..., help="An exported model directory (best/ or selected/)."),
+    out: Path = typer.Option(..., help="Output directory: <image>.overlay.png, <image>.cam.npy, explain.jsonl."),
+    target: str = typer.Option("predicted", help="'predicted' or a class name."),
+    mask: Optional[list[Path]] = typer.Option(None, help="Lung mask per image (default: the lung atlas)."),
+) -> None:
+    """Grad-CAM of an exported model on images: overlay PNG, CAM .npy and a JSON line each."""
+    from search.explain_images import explain_images
+
+    for line in explain_images(model, images, out, target=target, masks=mask):
+        print(json.dumps(line))
+
+
+@app.command()
 def backbones(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List the backbone registry: source, parameters, Grad-CAM layer, offline weights here."""
     from trainable.backbones import describe_backbones

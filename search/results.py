@@ -55,8 +55,10 @@ def trial_rows(result_grid: tune.ResultGrid, epochs: int) -> pd.DataFrame:
         n = int(last["training_iteration"])
         row.update(status="ERROR" if result.error else "TERMINATED", epochs_run=n,
                    stopped_early=bool(result.error is None and n < epochs), best_epoch=int(best["epoch"]))
-        row.update({f"best_{k}": float(best[k]) for k in REPORTED if k in best})
+        per_class = [c for c in history.columns if c.startswith(("lung_mass_", "edge_mass_"))]
+        row.update({f"best_{k}": float(best[k]) for k in (*REPORTED, *per_class) if k in best})
         row.update({f"final_{k}": float(last[k]) for k in REPORTED if k in last})
+        row["best_confusion"] = best.get("confusion", "")
         for k in ("node_id", "weights_source", "weights_sha256", "cam_grid"):
             row[k] = last.get(k, "")
         row["error"] = str(result.error).splitlines()[0] if result.error else ""
@@ -121,6 +123,11 @@ def _why(ok: pd.DataFrame, metric: str) -> str:
 def write_results(results: Path, spec, space_file: Path, dataset: Dataset, prepared: Prepared,
                   result_grid: tune.ResultGrid, wall_s: float, log: Callable[[str], None] = print) -> None:
     df = trial_rows(result_grid, spec.epochs)
+    confusion = {r.trial_id: {"classes": list(dataset.classes), "matrix": json.loads(r.best_confusion)}
+                 for r in df.itertuples() if isinstance(getattr(r, "best_confusion", None), str)
+                 and r.best_confusion}
+    df = df.drop(columns="best_confusion", errors="ignore")
+    atomic_write_text(results / "confusion.json", json.dumps(confusion, indent=1))
     atomic_write_text(results / "trials.csv", df.to_csv(index=False))
     atomic_write_text(results / "history.csv", epoch_history(result_grid).to_csv(index=False))
     searched = [k for k, v in spec.space.items() if isinstance(v, BaseModel)]

@@ -132,6 +132,8 @@ class SweepSpec(_Strict):
     views: int = Field(4, ge=1, le=64)
     edge_band: float = Field(0.08, ge=0.0, lt=0.5)
     atlas_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    cam_target: str = "true"  # "true" | "predicted" | a class name (checked against the data's classes)
+    select_within: float = Field(0.02, ge=0.0, le=1.0)  # `selected/`: most lung-focused within this of the best metric
     max_failures: int = Field(1, ge=0)
     objective: Objective = Objective()
     asha: Asha = Asha()
@@ -165,7 +167,7 @@ class SweepSpec(_Strict):
     def settings(self) -> Settings:
         return Settings(folds=self.folds, epochs=self.epochs, seed=self.seed, base_size=self.base_size,
                         input_size=self.input_size, views=self.views, edge_band=self.edge_band,
-                        atlas_threshold=self.atlas_threshold)
+                        atlas_threshold=self.atlas_threshold, cam_target=self.cam_target)
 
     def choices(self, key: str) -> list[Any]:
         """Every value `key` can take (categorical keys only; the default when not in the space)."""

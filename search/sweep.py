@@ -22,6 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 from search.objective import make_score
 from search.progress import ProgressLine
 from search.results import SweepError, atomic_write_text, write_results
+from search.select import export_selection
 from search.space import SpaceError, SweepSpec, Synthetic, tune_param_space
 from trainable.data import Dataset, load_dataset
 from trainable.features import FeatureKey
@@ -102,6 +103,9 @@ def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
     check_weights(spec, log)
     results.mkdir(parents=True, exist_ok=True)
     dataset = resolve_data(spec, data, results, log)
+    if spec.cam_target not in ("true", "predicted", *dataset.classes):
+        raise SpaceError(f"cam_target must be 'true', 'predicted' or one of the classes "
+                         f"{list(dataset.classes)} (got {spec.cam_target!r})")
     # the folds are checked here, before decoding and before Ray starts
     patient_folds(dataset.labels, dataset.patients, dataset.classes, spec.folds, spec.seed)
     log(f"data: {len(dataset)} images, {len(set(dataset.patients))} patients, classes "
@@ -114,6 +118,7 @@ def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
     result_grid = make_tuner(spec, prepared, results, log).fit()
     write_results(results, spec, space_file, dataset, prepared, result_grid,
                   wall_s=time.time() - t_start, log=log)
+    export_selection(results, prepared=prepared, log=log)
     return results
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -103,3 +104,46 @@ def test_bad_space_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
     proc = _cxrtune("run", "--space", str(bad), "--out", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2
     assert "loguniform needs 0 < low < high" in proc.stderr and str(bad) in proc.stderr
+
+
+def test_selected_is_most_lung_focused_within_delta_and_montages_exist(tiny_run: Path) -> None:
+    trials = pd.read_csv(tiny_run / "trials.csv")
+    selection = json.loads((tiny_run / "selection.json").read_text())
+    ok = trials[trials["status"] == "TERMINATED"]
+    near = ok[ok["best_balanced_accuracy"] >= ok["best_balanced_accuracy"].max() - selection["within"]]
+    assert selection["selected"] == near.sort_values("best_lung_mass", ascending=False)["trial_id"].iloc[0]
+    meta = json.loads((tiny_run / "selected" / "metadata.json").read_text())
+    assert meta["cv_metrics"]["trial_id"] == selection["selected"]
+    for png in ("gradcam_comparison.png", "selected/gradcam.png", "best/gradcam.png"):
+        assert (tiny_run / png).stat().st_size > 1000, png
+
+
+def test_select_command_with_wide_delta_takes_the_highest_lung_mass(tiny_run: Path) -> None:
+    proc = _cxrtune("select", str(tiny_run), "--within", "1.0", cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = pd.read_csv(tiny_run / "trials.csv")
+    selection = json.loads((tiny_run / "selection.json").read_text())
+    assert selection["selected"] == trials.loc[trials["best_lung_mass"].idxmax(), "trial_id"]
+
+
+def test_explain_writes_overlays_and_maps_that_match_pytorch_grad_cam(tiny_run: Path, tmp_path: Path) -> None:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    images = sorted((tiny_run / "data" / "images").glob("*.png"))[:2]
+    proc = _cxrtune("explain", *map(str, images), "--model", str(tiny_run / "best"), "--out", str(tmp_path),
+                    cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "explain.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    model, meta = load_model(tiny_run / "best")
+    for image, line in zip(images, lines):
+        assert 0 <= line["lung_mass"] <= 1 and 0 <= line["edge_mass"] <= 1
+        assert (tmp_path / f"{image.stem}.overlay.png").stat().st_size > 1000
+        cam = np.load(tmp_path / f"{image.stem}.cam.npy")
+        x = preprocess_image(image, meta)
+        target = meta["classes"].index(line["target"])
+        with GradCAM(model=model, target_layers=[model.get_submodule(meta["target_layer"])]) as ref:
+            expected = ref(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
+        assert cam.shape == expected.shape == (64, 64)
+        assert np.abs(cam - expected).max() <= 1e-4

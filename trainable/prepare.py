@@ -30,6 +30,7 @@ class Settings:
     views: int = 4               # cached augmentation views per image (view 0 = unaugmented)
     edge_band: float = 0.08      # border band width, fraction of each side of the model input
     atlas_threshold: float = 0.5
+    cam_target: str = "true"     # the class Grad-CAM explains: "true", "predicted" or a class name
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Prepared:
     classes: tuple[str, ...]
     labels: np.ndarray
     ids: list[str]
+    paths: list[str]
     folds: list[tuple[np.ndarray, np.ndarray]]
     lung_masks: dict[float, np.ndarray]        # crop margin -> bool (N, input, input)
     mask_source: np.ndarray                    # per image: "data" or "atlas"
@@ -60,10 +62,10 @@ def _feature_task(images: np.ndarray, key: FeatureKey, views: dict[str, int], se
     return summary, fs
 
 
-def prepare_sweep(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKey],
-                  augment_policies: Iterable[str], *, cpus: float = 1, gpus: float = 0,
-                  progress: Callable[[str], None] = print) -> Prepared:
-    """Decode once, split once, launch one feature task per key and wait for all of them."""
+def _shared_arrays(dataset: Dataset, settings: Settings, keys: list[FeatureKey],
+                   progress: Callable[[str], None]) -> tuple[np.ndarray, dict]:
+    """Decode once, split once, lung masks per crop: everything but the features."""
+    folds = patient_folds(dataset.labels, dataset.patients, dataset.classes, settings.folds, settings.seed)
     t0 = time.perf_counter()
     images, masks = decode_images(dataset, settings.base_size)
     has_mask = dataset.has_masks
@@ -72,12 +74,34 @@ def prepare_sweep(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
     t_decode = time.perf_counter() - t0
     progress(f"decoded {len(images)} images at {settings.base_size}px in {t_decode:.1f}s "
              f"({int(has_mask.sum())} with their own lung mask, the rest use the atlas)")
-    folds = patient_folds(dataset.labels, dataset.patients, dataset.classes, settings.folds, settings.seed)
-    keys = sorted(set(keys), key=str)
-    margins = sorted({k.crop_margin for k in keys})
-    lung = {m: mask_geometry(masks, m, settings.input_size) for m in margins}
-    views = {p: settings.views for p in sorted(set(augment_policies))}
+    lung = {m: mask_geometry(masks, m, settings.input_size) for m in sorted({k.crop_margin for k in keys})}
+    fields = dict(settings=settings, classes=dataset.classes, labels=dataset.labels,
+                  ids=dataset.table["id"].tolist(), paths=dataset.table["path"].tolist(), folds=folds,
+                  lung_masks=lung, mask_source=np.where(has_mask, "data", "atlas"),
+                  data_hash=dataset.content_hash())
+    return images, fields | {"timings": {"decode_s": t_decode}}
 
+
+def prepare_local(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKey],
+                  augment_policies: Iterable[str], progress: Callable[[str], None] = print) -> Prepared:
+    """The same as `prepare_sweep`, computed in this process (no Ray): for select/export after a sweep."""
+    keys = sorted(set(keys), key=str)
+    images, fields = _shared_arrays(dataset, settings, keys, progress)
+    views = {p: settings.views for p in sorted(set(augment_policies))}
+    features = {}
+    for k in keys:
+        features[str(k)] = fs = compute_features(images, k, views, settings.seed)
+        progress(f"  features {k}: {fs.images_through_backbone} images in {fs.seconds:.1f}s")
+    return Prepared(features=features, **fields)
+
+
+def prepare_sweep(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKey],
+                  augment_policies: Iterable[str], *, cpus: float = 1, gpus: float = 0,
+                  progress: Callable[[str], None] = print) -> Prepared:
+    """Decode once, split once, launch one feature task per key and wait for all of them."""
+    keys = sorted(set(keys), key=str)
+    images, fields = _shared_arrays(dataset, settings, keys, progress)
+    views = {p: settings.views for p in sorted(set(augment_policies))}
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, num_returns=2)(_feature_task)
     images_ref = ray.put(images)
     refs: dict[str, object] = {}
@@ -95,8 +119,5 @@ def prepare_sweep(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
         progress(f"  features {s['key']}: {s['images']} images in {s['seconds']:.1f}s "
                  f"({s['images'] / max(s['seconds'], 1e-9):.0f} img/s), maps {s['maps']}, "
                  f"weights {s['weights']}")
-    return Prepared(settings=settings, classes=dataset.classes, labels=dataset.labels,
-                    ids=dataset.table["id"].tolist(), folds=folds, lung_masks=lung,
-                    mask_source=np.where(has_mask, "data", "atlas"), features=refs,
-                    data_hash=dataset.content_hash(),
-                    timings={"decode_s": t_decode, "features_s": time.perf_counter() - t1})
+    fields["timings"]["features_s"] = time.perf_counter() - t1
+    return Prepared(features=refs, **fields)

@@ -6,6 +6,7 @@ objective, and a checkpoint of the K heads (small: the frozen backbone is not in
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import numpy as np
 import ray
 import torch
 from ray import tune
+from sklearn.metrics import confusion_matrix
 
 from trainable.explain import explanation_scores
 from trainable.features import FeatureKey, FeatureSet
@@ -74,32 +76,54 @@ def train_view(epoch: int, n_views: int, seed: int, fold: int) -> int:
     return int(np.random.default_rng([seed, fold, epoch]).integers(n_views))
 
 
+def cam_targets(target: str, labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> torch.Tensor:
+    """The class each image's Grad-CAM explains: its true class, the predicted one, or a named class."""
+    if target == "true":
+        return torch.as_tensor(labels)
+    if target == "predicted":
+        return torch.as_tensor(probs.argmax(1))
+    return torch.full((len(labels),), classes.index(target), dtype=torch.long)
+
+
 def run_epoch(states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,
-              epoch: int) -> dict[str, float]:
-    """Train every fold once, validate, score Grad-CAM; return CV means (plus per-fold lists)."""
+              epoch: int) -> dict:
+    """Train every fold once, validate, score Grad-CAM.
+
+    Returns the CV means of the per-fold metrics, per-class lung/edge mass and the confusion
+    matrix over all out-of-fold predictions, and per-fold lists (`fold_*`).
+    """
     s = prepared.settings
     pooled = fs.pooled[config["augment"]]
-    labels = torch.as_tensor(np.array(prepared.labels))
+    y = np.array(prepared.labels)
+    labels = torch.as_tensor(y)
     lung = prepared.lung_masks[float(config["crop_margin"])]
     edge = edge_band(s.input_size, s.edge_band)
     per_fold: dict[str, list[float]] = {}
+    oof_pred = np.zeros(len(y), np.int64)
+    oof_lung, oof_edge = np.zeros(len(y)), np.zeros(len(y))
     for k, ((tr, va), st) in enumerate(zip(prepared.folds, states)):
         v = train_view(epoch, len(pooled), s.seed, k)
-        x_tr = torch.from_numpy(pooled[v][tr])
-        weight = class_weights(prepared.labels[tr], len(prepared.classes)) if config["class_weighted"] else None
-        train_loss = train_one_epoch(st.head, st.optimizer, x_tr, labels[tr], int(config["batch_size"]),
-                                     st.generator, weight)
+        weight = class_weights(y[tr], len(prepared.classes)) if config["class_weighted"] else None
+        train_loss = train_one_epoch(st.head, st.optimizer, torch.from_numpy(pooled[v][tr]), labels[tr],
+                                     int(config["batch_size"]), st.generator, weight)
         probs = predict_proba(st.head, torch.from_numpy(pooled[0][va]))
-        m = classification_metrics(prepared.labels[va], probs, len(prepared.classes))
-        lung_mass, edge_mass = explanation_scores(st.head, torch.from_numpy(fs.maps[va]), labels[va],
+        m = classification_metrics(y[va], probs, len(prepared.classes))
+        targets = cam_targets(s.cam_target, y[va], probs, prepared.classes)
+        lung_mass, edge_mass = explanation_scores(st.head, torch.from_numpy(fs.maps[va]), targets,
                                                   lung[va], edge)
+        oof_pred[va], oof_lung[va], oof_edge[va] = probs.argmax(1), lung_mass, edge_mass
         m.update(train_loss=train_loss, lung_mass=float(lung_mass.mean()),
                  edge_mass=float(edge_mass.mean()),
                  lung_enrichment=float(lung_mass.mean() / max(lung[va].mean(), 1e-9)))
         for name, value in m.items():
             per_fold.setdefault(name, []).append(value)
-    return {name: float(np.nanmean(values)) for name, values in per_fold.items()} | {
-        f"fold_{name}": values for name, values in per_fold.items() if name in ("balanced_accuracy", "lung_mass")}
+    out: dict = {name: float(np.nanmean(values)) for name, values in per_fold.items()}
+    for c, name in enumerate(prepared.classes):
+        out[f"lung_mass_{name}"] = float(oof_lung[y == c].mean())
+        out[f"edge_mass_{name}"] = float(oof_edge[y == c].mean())
+    out["confusion"] = json.dumps(confusion_matrix(y, oof_pred, labels=list(range(len(prepared.classes)))).tolist())
+    return out | {f"fold_{name}": values for name, values in per_fold.items()
+                  if name in ("balanced_accuracy", "lung_mass")}
 
 
 def _save(d: str, states: list[FoldState], epoch: int, history: list[dict]) -> tune.Checkpoint:
@@ -138,7 +162,7 @@ def run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
         metrics = run_epoch(states, config, prepared, fs, epoch)
         metrics["objective"] = float(score(metrics))
         metrics["epoch"] = epoch + 1
-        history.append({k: v for k, v in metrics.items() if not k.startswith("fold_")})
+        history.append({k: v for k, v in metrics.items() if not k.startswith("fold_") and k != "confusion"})
         info = {"node_id": node, "weights_source": fs.weights_info.get("source", ""),
                 "weights_sha256": fs.weights_info.get("sha256") or "",
                 "cam_grid": "x".join(map(str, fs.maps.shape[2:]))}
