@@ -88,6 +88,7 @@ class Synthetic(_Strict):
     size: int = Field(256, ge=32, le=1024)
     shortcut: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = 0
+    lesion_strength: float = Field(1.0, ge=0.0, le=3.0)
 
 
 class DataSpec(_Strict):

@@ -466,14 +466,15 @@ def _marker(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _render(p: _Patient, size: int, marker_kind: str | None, rng: np.random.Generator) -> Rendered:
+def _render(p: _Patient, size: int, marker_kind: str | None, rng: np.random.Generator,
+            lesion_strength: float = 1.0) -> Rendered:
     """Draw one image of patient ``p``: anatomy, lungs, lesions, exposure, then the marker."""
     # one stream per stage: a lesion or a marker changes nothing else in the image
     geometry, texture, lesion_rng, exposure, stamp = rng.spawn(5)
     box = _lung_box(p.anatomy, geometry)
     lung, field = _place(p, box, size)
     lesion = _lesion(p.label, field, lung, lesion_rng)
-    image = _photometric(_chest(lung, box, p.anatomy, texture) + lesion, exposure)
+    image = _photometric(_chest(lung, box, p.anatomy, texture) + lesion * lesion_strength, exposure)
     marker = np.zeros((size, size), bool)
     if marker_kind is not None:
         marker = _marker(marker_kind, size, stamp) & ~lung   # lungs never reach the band anyway
@@ -548,7 +549,7 @@ def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
 
 def synthesize(out: Path, n_patients: int = 60, size: int = 256, shortcut: float = 0.0,
                seed: int = 0, images_per_patient: tuple[int, int] = (2, 4),
-               classes: tuple[str, ...] = KNOWN_CLASSES) -> Path:
+               classes: tuple[str, ...] = KNOWN_CLASSES, lesion_strength: float = 1.0) -> Path:
     """Write a phantom chest X-ray data set to ``out`` and return its manifest path.
 
     Parameters
@@ -563,6 +564,9 @@ def synthesize(out: Path, n_patients: int = 60, size: int = 256, shortcut: float
         In [0, 1]. 0: no markers at all. Otherwise ``round(shortcut * n)`` of the n covid
         images and ``round((1 - shortcut) * m)`` of the m others carry a marker in the
         border band (0.5: markers independent of the class; 1: covid images only).
+    lesion_strength : float
+        Multiplies the lesions' brightness (1: default; lower makes the true signal subtler,
+        so that a shortcut marker is the easier cue — the setting of the shortcut test).
     seed : int
         >= 0; the same arguments give byte-identical files.
     images_per_patient : (int, int)
@@ -571,6 +575,8 @@ def synthesize(out: Path, n_patients: int = 60, size: int = 256, shortcut: float
         Distinct names from ``("normal", "covid", "pneumonia")``.
     """
     _validate(n_patients, size, shortcut, seed, images_per_patient, classes)
+    if not (isinstance(lesion_strength, (int, float)) and 0 <= lesion_strength <= 3):
+        raise ValueError(f"lesion_strength={lesion_strength!r}: must be a number in [0, 3]")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -581,7 +587,7 @@ def synthesize(out: Path, n_patients: int = 60, size: int = 256, shortcut: float
 
     def write(i: int) -> dict[str, str]:
         p, kind, image_id = patients[owners[i]], kinds[i], f"phantom-{i + 1:0{width}d}"
-        r = _render(p, size, kind, np.random.default_rng([seed, 2, i]))
+        r = _render(p, size, kind, np.random.default_rng([seed, 2, i]), lesion_strength)
         _write_png(out / "images" / f"{image_id}.png", r.image)
         _write_png(out / "masks" / f"{image_id}.png", r.lung.astype(np.uint8) * 255)
         return {"id": image_id, "path": f"images/{image_id}.png", "label": p.label,
