@@ -6,7 +6,9 @@ naming the file or field and the rule, and exit with code 2 — no traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +19,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Explainability-aware hyperparameter search for chest X-ray models on Ray Tune.")
-data_app = typer.Typer(no_args_is_help=True, help="Data sets: generate phantom chest X-rays.")
+data_app = typer.Typer(no_args_is_help=True, help="Data sets: check one, or generate phantom chest X-rays.")
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
@@ -29,10 +31,17 @@ def run(
     out: Path = typer.Option(Path("results"), help="Parent directory of the results."),
     name: Optional[str] = typer.Option(None, help="Results go to OUT/NAME (default: the space's name plus a timestamp)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address ('auto', 'ray://host:10001'); default: a local cluster."),
+    data_format: str = typer.Option("auto", "--format", help="Data layout: auto, manifest, ieee8023, kermany, covid19_radiography, dicom, folders."),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", metavar="URI", help="Log every trial to MLflow: a directory / file:///path (local file store) or http(s)://server. Needs the `track` extra (mlflow-skinny)."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Write TensorBoard event files per trial (tensorboard --logdir OUT/NAME/tune)."),
+    storage: Optional[str] = typer.Option(None, "--storage", metavar="DIR|URI", help="Where Tune keeps the experiment (checkpoints, state): a directory every node shares, or s3://bucket/prefix; default OUT/NAME/tune. Needed on multi-node clusters."),
 ) -> None:
-    """Run a sweep: OptunaSearch + ASHA over the space, patient-grouped CV, Grad-CAM lung focus."""
+    """Run a sweep: OptunaSearch + ASHA over the space, patient-grouped CV, Grad-CAM lung focus.
+
+    SIGTERM (or `cxrtune stop`) stops it with its state saved: exit code 143, `cxrtune resume` goes on."""
     import time
 
+    _private_local_ray(address)
     from search.space import load_space, resolve_space_file
     from search.sweep import run_sweep
 
@@ -40,8 +49,22 @@ def run(
     if data is not None and data != "synthetic" and not Path(data).exists():
         raise _user_error(f"data path {data} does not exist")
     run_name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_sweep(spec, space_file=resolve_space_file(space), data=data, out=out, name=run_name,
-              address=address, log=lambda m: console.print(m, markup=False, highlight=False))
+    with _resumable():
+        run_sweep(spec, space_file=resolve_space_file(space), data=data, data_format=data_format,
+                  out=out, name=run_name, address=address, mlflow=mlflow, tensorboard=tensorboard,
+                  storage=storage,
+                  log=lambda m: console.print(m, markup=False, highlight=False))
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(..., help="A sweep's results directory (holds trials.csv)."),
+    out: Optional[Path] = typer.Option(None, help="Output file (default: RESULTS/report.html)."),
+) -> None:
+    """Write report.html: one self-contained page with summary, leaderboard, plots and Grad-CAM montages."""
+    from search.report import write_report
+
+    write_report(results, out=out, log=lambda m: console.print(m, markup=False, highlight=False))
 
 
 @data_app.command("synth")
@@ -51,6 +74,7 @@ def data_synth(
     size: int = typer.Option(256, help="Image side in pixels."),
     shortcut: float = typer.Option(0.0, help="Marker/class correlation P: P of covid images carry an edge marker, 1-P of the others; 0 = no markers."),
     seed: int = typer.Option(0, help="Random seed (same seed, same bytes)."),
+    lesion_strength: float = typer.Option(1.0, help="Lesion brightness factor (lower: subtler true signal)."),
 ) -> None:
     """Generate deterministic phantom chest X-rays with true lung masks and optional shortcut markers."""
     from trainable.phantom import synthesize
@@ -58,7 +82,8 @@ def data_synth(
     if out.exists() and (out / "manifest.csv").exists():
         raise _user_error(f"{out} already holds a data set (manifest.csv); choose another --out")
     try:
-        manifest = synthesize(out, n_patients=n_patients, size=size, shortcut=shortcut, seed=seed)
+        manifest = synthesize(out, n_patients=n_patients, size=size, shortcut=shortcut, seed=seed,
+                              lesion_strength=lesion_strength)
     except ValueError as e:
         raise _user_error(str(e)) from None
     console.print(f"wrote {manifest}", markup=False)
@@ -73,8 +98,12 @@ def select(
     """Export the most lung-focused trial whose metric is within Δ of the best to RESULTS/selected/."""
     from search.select import export_selection
 
-    export_selection(results, within=within, metric=metric,
-                     log=lambda m: console.print(m, markup=False, highlight=False))
+    log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+    export_selection(results, within=within, metric=metric, log=log)
+    if (results / "report.html").is_file():  # the report shows the selection: keep it in step
+        from search.report import write_report
+
+        write_report(results, log=log)
 
 
 @app.command()
@@ -108,6 +137,181 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Machine-readab
     Console().print(table)
 
 
+@data_app.command("check")
+def data_check(
+    path: Path = typer.Argument(..., help="Data directory (or manifest CSV) in any supported layout."),
+    data_format: str = typer.Option("auto", "--format", help="Data layout: auto, manifest, ieee8023, kermany, covid19_radiography, dicom, folders."),
+    group_by: str = typer.Option("source", "--group-by", help="Column for the confounding report (source, view, sex, site, age_band, any manifest column)."),
+) -> None:
+    """Counts, patients, masks, sizes, duplicates, confounding and unreadable files; exit 2 when not usable."""
+    from trainable.datacheck import check_data
+
+    result = check_data(path, format=data_format, group_by=group_by)
+    print("\n".join(result.lines))
+    if not result.usable:
+        sys.exit(2)
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., help="An exported model directory (model.pt + metadata.json), e.g. RESULTS/best."),
+    data: Path = typer.Option(..., help="Data directory (or manifest CSV) in any supported layout."),
+    data_format: str = typer.Option("auto", "--format", help="Data layout: auto, manifest, ieee8023, kermany, covid19_radiography, dicom, folders."),
+    out: Optional[Path] = typer.Option(None, help="Also write the results as JSON to this file."),
+) -> None:
+    """Score an exported model on a data set: accuracy, balanced accuracy, AUC, per-class P/R/F1, confusion matrix, lung_mass, edge_mass."""
+    from search.evaluate import evaluate as evaluate_model
+    from search.evaluate import report_lines, write_json
+
+    if not data.exists():
+        raise _user_error(f"data path {data} does not exist")
+    result = evaluate_model(model, data, format=data_format,
+                            log=lambda m: console.print(m, markup=False, highlight=False))
+    print("\n".join(report_lines(result)))
+    if out is not None:
+        console.print(f"wrote {write_json(result, out)}", markup=False, highlight=False)
+
+
+# ------------------------------------------------------------------ cluster: resume and jobs
+
+@app.command()
+def resume(
+    results: Path = typer.Argument(..., help="The results directory of a stopped or crashed sweep (holds space.json)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address ('auto', 'ray://host:10001'); default: a local cluster."),
+) -> None:
+    """Continue a stopped sweep: unfinished and errored trials resume from their last checkpoints."""
+    _private_local_ray(address)
+    from search.resume import resume_sweep
+
+    with _resumable():
+        resume_sweep(results, address=address, log=lambda m: console.print(m, markup=False, highlight=False))
+
+
+_JOB_ADDRESS = typer.Option(None, "--address", help="Ray job server (dashboard) URL; default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265 (the local end of `ray dashboard cluster.yaml`).")
+
+
+@app.command()
+def submit(
+    space: str = typer.Option("default", help="Space file, or the name of one in spaces/ (validated here, shipped with the job)."),
+    data: Optional[str] = typer.Option(None, help="Data directory ON THE CLUSTER's head node, or 'synthetic'; default: the space file's."),
+    out: str = typer.Option("~/cxrtune-results", help="Parent directory of the results on the head node (a shared mount keeps them)."),
+    name: Optional[str] = typer.Option(None, help="Results go to OUT/NAME (default: the space's name plus a timestamp)."),
+    storage: Optional[str] = typer.Option(None, "--storage", metavar="DIR|URI", help="Tune experiment storage every node reaches (s3://bucket/prefix or a shared directory); the report files are copied there too."),
+    resume_dir: Optional[str] = typer.Option(None, "--resume", metavar="RESULTS", help="Instead of a new sweep, resume this results directory on the cluster."),
+    follow: bool = typer.Option(False, "--follow", help="Stream the job's output until it ends; exit 0 only if it SUCCEEDED."),
+    address: Optional[str] = _JOB_ADDRESS,
+) -> None:
+    """Submit a sweep to a Ray cluster as a job (JobSubmissionClient; the code travels as the working_dir)."""
+    from search import jobs
+
+    sid = jobs.submit_sweep(address, space=space, data=data, out=out, name=name, storage=storage,
+                            resume=resume_dir)
+    print(sid)
+    console.print(f"submitted {sid}: `cxrtune status {sid}`, `cxrtune logs {sid} --follow`, "
+                  f"`cxrtune stop {sid}`", markup=False, highlight=False)
+    if follow:
+        _follow(address, sid)
+
+
+@app.command()
+def status(job: str = typer.Argument(..., help="Submission id (see `cxrtune jobs`)."),
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+           address: Optional[str] = _JOB_ADDRESS) -> None:
+    """A job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), times and results directory."""
+    from search import jobs
+
+    info = jobs.job_status(address, job)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    for k, v in info.items():
+        if v:
+            print(f"{k:>13}: {v}")
+
+
+@app.command()
+def logs(job: str = typer.Argument(..., help="Submission id."),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
+         address: Optional[str] = _JOB_ADDRESS) -> None:
+    """A job's output (the sweep's progress lines); --follow streams it."""
+    from search import jobs
+
+    if follow:
+        _follow(address, job)
+    else:
+        sys.stdout.write(jobs.job_logs(address, job))
+
+
+@app.command()
+def stop(job: str = typer.Argument(..., help="Submission id."),
+         wait: float = typer.Option(60.0, help="Seconds to wait for the job to end (0: don't wait)."),
+         address: Optional[str] = _JOB_ADDRESS) -> None:
+    """Stop a job: the sweep gets SIGTERM, Tune saves its state; `cxrtune submit --resume` continues it."""
+    from search import jobs
+
+    final = jobs.stop_job(address, job, wait_s=wait)
+    results = jobs.job_status(address, job).get("results")
+    print(final)
+    if results:
+        console.print(f"continue it with: cxrtune submit --resume {results}", markup=False, highlight=False)
+
+
+@app.command("jobs")
+def list_jobs(address: Optional[str] = _JOB_ADDRESS,
+              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Every job on the cluster, newest first."""
+    from search import jobs
+
+    rows = jobs.list_jobs(address)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("submission id", "status", "start", "end", "results")
+    for r in rows:
+        table.add_row(r["submission_id"], r["status"], r["start"], r["end"], r["results"])
+    Console().print(table)
+
+
+def _follow(address: Optional[str], job: str) -> None:
+    from search import jobs
+
+    for chunk in jobs.follow_logs(address, job):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    final = jobs.wait_for(address, job, timeout_s=30)
+    console.print(f"job {job}: {final}", markup=False, highlight=False)
+    if final != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+def _private_local_ray(address: Optional[str]) -> None:
+    """Set before `ray` is imported. A local cluster (no --address) binds every Ray server to
+    127.0.0.1, not all interfaces: Ray does this on macOS/Windows, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    asks for it on Linux. A Ray Client connection (ray://) with a Ray token at hand (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) sends it. A driver joining a cluster directly
+    (`auto`, HOST:PORT) keeps the mode it inherits: it must match the cluster's (cluster.yaml sets
+    RAY_AUTH_MODE=token on its nodes), as the driver also serves RPCs to the cluster."""
+    if address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        return
+    from search.jobs import auth_headers
+
+    if address.startswith("ray://") and "RAY_AUTH_MODE" not in os.environ and auth_headers():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+@contextmanager
+def _resumable():
+    """A sweep stopped by SIGTERM exits with code 143 and says how to resume it."""
+    from search.resume import SweepInterrupted
+
+    try:
+        yield
+    except SweepInterrupted as e:
+        console.print(str(e), markup=False, highlight=False)
+        raise typer.Exit(143) from None
+
+
 def _millions(n: object) -> str:
     return f"{n / 1e6:.1f}M" if isinstance(n, (int, float)) else str(n)
 
@@ -130,7 +334,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # with standalone_mode=False, `raise typer.Exit(n)` returns n
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
@@ -142,7 +348,7 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - user errors become one line; anything else re-raises
         cause = getattr(e, "cause", None) or e  # a RayTaskError carries the task's exception
         if isinstance(cause, _user_errors()):
-            console.print(f"error: {cause}", markup=False, highlight=False)
+            console.print(f"error: {cause}", markup=False, highlight=False, soft_wrap=True)
             sys.exit(2)
         raise
 

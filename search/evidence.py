@@ -92,8 +92,8 @@ def write_montage(out_png: Path, prepared: Prepared, columns: list[tuple[str, di
             ax.set_title(f"{'' if r else title + chr(10)}{prepared.ids[i]}: {truth}→{pred}\n"
                          f"lung {lung_mass[r]:.2f}  edge {edge_mass[r]:.2f}", fontsize=8)
             ax.axis("off")
-    fig.suptitle("Grad-CAM (target: true class) · green: lung mask · dashed: edge band", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("Grad-CAM (target: true class)\ngreen: lung mask · dashed: edge band", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / len(picks)))
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(f".{out_png.name}.tmp.png")
     fig.savefig(tmp, dpi=80)

@@ -28,7 +28,8 @@ class SweepError(CxrtuneError, RuntimeError):
 
 
 REPORTED = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "loss", "lung_mass", "edge_mass",
-            "lung_enrichment", "objective")
+            "lung_enrichment", "worst_group_accuracy", "within_group_auc", "fold_mean_worst_group_accuracy",
+            "objective")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -55,7 +56,7 @@ def trial_rows(result_grid: tune.ResultGrid, epochs: int) -> pd.DataFrame:
         n = int(last["training_iteration"])
         row.update(status="ERROR" if result.error else "TERMINATED", epochs_run=n,
                    stopped_early=bool(result.error is None and n < epochs), best_epoch=int(best["epoch"]))
-        per_class = [c for c in history.columns if c.startswith(("lung_mass_", "edge_mass_"))]
+        per_class = [c for c in history.columns if c.startswith(("lung_mass_", "edge_mass_", "recall_"))]
         row.update({f"best_{k}": float(best[k]) for k in (*REPORTED, *per_class) if k in best})
         row.update({f"final_{k}": float(last[k]) for k in REPORTED if k in last})
         row["best_confusion"] = best.get("confusion", "")

@@ -42,13 +42,14 @@ def load_sweep(results: Path) -> tuple[SweepSpec, pd.DataFrame, dict]:
     if not (results / "trials.csv").is_file() or not space_json.is_file():
         raise SweepError(f"{results} is not a finished sweep (trials.csv and space.json are needed)")
     saved = json.loads(space_json.read_text())
-    return SweepSpec.model_validate(saved["spec"]), pd.read_csv(results / "trials.csv"), saved
+    trials = pd.read_csv(results / "trials.csv", dtype={"trial_id": str})  # hex ids like 12e45678
+    return SweepSpec.model_validate(saved["spec"]), trials, saved
 
 
 def local_prepared(results: Path, spec: SweepSpec, saved: dict, rows: list[pd.Series],
                    log: Callable[[str], None]) -> Prepared:
     """Recompute, in this process, only the features the given trials need."""
-    dataset = load_dataset(saved["data"], spec.task)
+    dataset = load_dataset(saved["data"], spec.task, saved.get("data_format", "auto"))
     keys = [FeatureKey(r["backbone"] if "backbone" in r else spec.choices("backbone")[0],
                        str(r["weights"]) if "weights" in r else str(spec.choices("weights")[0]),
                        float(r["crop_margin"]) if "crop_margin" in r else float(spec.choices("crop_margin")[0]),

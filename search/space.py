@@ -32,7 +32,7 @@ from trainable.prepare import Settings
 from trainable.trial import TRIAL_DEFAULTS
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
-METRICS = ("balanced_accuracy", "macro_f1", "auc", "accuracy")
+METRICS = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "worst_group_accuracy", "within_group_auc")
 
 
 class SpaceError(CxrtuneError, ValueError):
@@ -115,8 +115,18 @@ class Asha(_Strict):
 
 
 class Resources(_Strict):
+    """Per trial (and per feature task). Fractional GPUs share one device: 0.25 packs four trials."""
+
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ray_quantities(self) -> "Resources":
+        # Ray schedules a fraction of one GPU, or whole GPUs, never 1.5
+        g = self.gpus_per_trial
+        if g > 1 and g != int(g):
+            raise ValueError(f"gpus_per_trial must be a fraction below 1 or a whole number (got {g})")
+        return self
 
 
 class SweepSpec(_Strict):
@@ -134,6 +144,8 @@ class SweepSpec(_Strict):
     edge_band: float = Field(0.08, ge=0.0, lt=0.5)
     atlas_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     cam_target: str = "true"  # "true" | "predicted" | a class name (checked against the data's classes)
+    group_column: str = "source"  # manifest column for group-aware metrics
+    min_cell: int = Field(5, ge=1)
     select_within: float = Field(0.02, ge=0.0, le=1.0)  # `selected/`: most lung-focused within this of the best metric
     max_failures: int = Field(1, ge=0)
     objective: Objective = Objective()
@@ -168,7 +180,8 @@ class SweepSpec(_Strict):
     def settings(self) -> Settings:
         return Settings(folds=self.folds, epochs=self.epochs, seed=self.seed, base_size=self.base_size,
                         input_size=self.input_size, views=self.views, edge_band=self.edge_band,
-                        atlas_threshold=self.atlas_threshold, cam_target=self.cam_target)
+                        atlas_threshold=self.atlas_threshold, cam_target=self.cam_target,
+                        group_column=self.group_column, min_cell=self.min_cell)
 
     def choices(self, key: str) -> list[Any]:
         """Every value `key` can take (categorical keys only; the default when not in the space)."""

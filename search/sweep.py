@@ -21,9 +21,14 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.objective import make_score
 from search.progress import ProgressLine
+from search.report import cluster_hardware, write_report
+from search.resume import (LiveTrials, SweepInterrupted, graceful_stop, is_uri, mirror_checkpoints,
+                           publish_results, tune_location)
 from search.results import SweepError, atomic_write_text, write_results
 from search.select import export_selection
 from search.space import SpaceError, SweepSpec, Synthetic, tune_param_space
+from search.trackers import tracker_callbacks
+from trainable.confounding import confounding_report
 from trainable.data import Dataset, load_dataset
 from trainable.features import FeatureKey
 from trainable.folds import patient_folds
@@ -35,25 +40,27 @@ from trainable.weights import offline_available
 
 def results_dir_for(out: str | Path, name: str) -> Path:
     """`out/name`, refusing to reuse a directory that already holds a sweep (nothing is overwritten)."""
-    d = (Path(out) / name).resolve()
+    d = (Path(out).expanduser() / name).resolve()
     if d.exists() and any(d.iterdir()):
         raise SweepError(f"{d} already holds results; choose another --name (nothing was changed)")
     return d
 
 
-def resolve_data(spec: SweepSpec, data: str | None, results: Path, log: Callable[[str], None]) -> Dataset:
-    """`--data` wins over the space file; `synthetic` generates the phantom set into results/data."""
+def resolve_data(spec: SweepSpec, data: str | None, results: Path, log: Callable[[str], None],
+                 data_format: str = "auto") -> Dataset:
+    """`--data` wins over the space file; `synthetic` generates the phantom set into results/data.
+    `data_format` picks the layout adapter (`trainable.adapters`; "auto" detects it)."""
     if data is None and spec.data.path is not None:
         data = spec.data.path
     if data is None or data == "synthetic":
         syn = spec.data.synthetic or Synthetic()
         t0 = time.perf_counter()
         manifest = synthesize(results / "data", n_patients=syn.n_patients, size=syn.size,
-                              shortcut=syn.shortcut, seed=syn.seed)
+                              shortcut=syn.shortcut, seed=syn.seed, lesion_strength=syn.lesion_strength)
         log(f"generated phantom data set ({syn.n_patients} patients, {syn.size}px, shortcut {syn.shortcut}) "
             f"in {time.perf_counter() - t0:.1f}s → {manifest.parent}")
         return load_dataset(manifest.parent, spec.task)
-    return load_dataset(Path(data).resolve(), spec.task)
+    return load_dataset(Path(data).resolve(), spec.task, data_format)
 
 
 def feature_keys(spec: SweepSpec) -> list[FeatureKey]:
@@ -82,7 +89,8 @@ def check_weights(spec: SweepSpec, log: Callable[[str], None]) -> None:
 def start_ray(address: str | None, log: Callable[[str], None]) -> None:
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME") if k in os.environ}
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "CXRTUNE_ALLOW_DOWNLOAD",
+                                      "CXRTUNE_EPOCH_DELAY_S") if k in os.environ}
     # Tune starts one trial at a time with a searcher unless more may be pending
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(2, int(os.cpu_count() or 2))))
     # checkpoints are a few hundred kB of head weights: Tune's snapshot warning is noise here
@@ -96,13 +104,20 @@ def start_ray(address: str | None, log: Callable[[str], None]) -> None:
 
 def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
               out: str | Path = "results", name: str | None = None, address: str | None = None,
-              log: Callable[[str], None] = print) -> Path:
-    """Validate, prepare, search, write results; returns the results directory."""
+              mlflow: str | None = None, tensorboard: bool = False, data_format: str = "auto",
+              storage: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """Validate, prepare, search, write results and report.html; returns the results directory.
+
+    `storage`: where Tune keeps the experiment (a shared directory or `s3://…`; default RESULTS/tune).
+    SIGTERM stops the sweep resumably (`search.resume`)."""
     t_start = time.time()
     results = results_dir_for(out, name or spec.name)
     check_weights(spec, log)
+    # trackers are checked (MLflow installed, URI usable) before any work
+    trackers = tracker_callbacks(mlflow, tensorboard, experiment=results.name,
+                                 tags={"cxrtune.results": str(results), "cxrtune.space": str(space_file)})
     results.mkdir(parents=True, exist_ok=True)
-    dataset = resolve_data(spec, data, results, log)
+    dataset = resolve_data(spec, data, results, log, data_format)
     if spec.cam_target not in ("true", "predicted", *dataset.classes):
         raise SpaceError(f"cam_target must be 'true', 'predicted' or one of the classes "
                          f"{list(dataset.classes)} (got {spec.cam_target!r})")
@@ -110,15 +125,45 @@ def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
     patient_folds(dataset.labels, dataset.patients, dataset.classes, spec.folds, spec.seed)
     log(f"data: {len(dataset)} images, {len(set(dataset.patients))} patients, classes "
         + ", ".join(f"{c}={int((dataset.labels == k).sum())}" for k, c in enumerate(dataset.classes)))
+    if spec.group_column in dataset.table:
+        for line in confounding_report(dataset, spec.group_column)[0]:
+            log(line)
     atomic_write_text(results / "space.json", json.dumps(
         {"spec": spec.model_dump(mode="json"), "settings": asdict(spec.settings()),
-         "space_file": str(Path(space_file).resolve()), "data": str(dataset.root)}, indent=2))
+         "space_file": str(Path(space_file).resolve()), "data": str(dataset.root),
+         # what `cxrtune resume` needs to rebuild the trainable and find the experiment
+         "data_format": data_format, "data_hash": dataset.content_hash(), "storage": storage,
+         "tune_path": "/".join(tune_location(results, storage))}, indent=2))
+    if address and address.startswith("ray://") and not is_uri(storage):
+        log("warning: with a ray:// address Tune writes its experiment on the cluster; "
+            "use --storage s3://… (or a directory every node and this machine share)")
     start_ray(address, log)
     prepared = prepare(spec, dataset, log)
-    result_grid = make_tuner(spec, prepared, results, log).fit()
+    tuner = make_tuner(spec, prepared, results, log, callbacks=trackers, storage=storage)
+    return finish_sweep(results, spec, space_file, dataset, prepared, tuner, t_start=t_start,
+                        storage=storage, log=log)
+
+
+def finish_sweep(results: Path, spec: SweepSpec, space_file: Path, dataset: Dataset, prepared: Prepared,
+                 tuner: tune.Tuner, *, t_start: float, storage: str | None = None,
+                 log: Callable[[str], None] = print) -> Path:
+    """Fit (a new or a restored Tuner), then write results, the selection and report.html.
+
+    SIGTERM during the fit stops Tune gracefully and raises SweepInterrupted (resumable)."""
+    with graceful_stop() as stop:
+        result_grid = tuner.fit()
+    if stop.requested:
+        raise SweepInterrupted(results)
+    mirror_checkpoints(result_grid, results, storage)  # local copies when the experiment is elsewhere
     write_results(results, spec, space_file, dataset, prepared, result_grid,
                   wall_s=time.time() - t_start, log=log)
     export_selection(results, prepared=prepared, log=log)
+    try:
+        write_report(results, hardware=cluster_hardware(), log=log)
+    except Exception as e:  # noqa: BLE001 - the sweep's results are written; a report can be redone
+        log(f"warning: report.html was not written ({type(e).__name__}: {e}); "
+            f"retry with `cxrtune report {results}`")
+    publish_results(results, storage, log)
     return results
 
 
@@ -137,7 +182,11 @@ def make_trainable(spec: SweepSpec, prepared: Prepared):
 
 
 def make_tuner(spec: SweepSpec, prepared: Prepared, results: Path,
-               log: Callable[[str], None]) -> tune.Tuner:
+               log: Callable[[str], None], callbacks: list[tune.Callback] | None = None,
+               storage: str | None = None) -> tune.Tuner:
+    """`callbacks`: Tune logger callbacks (search.trackers); default CSV + JSON, no trackers.
+    `storage`: Tune's experiment goes to STORAGE/<name>/tune (default RESULTS/tune)."""
+    storage_path, tune_name = tune_location(results, storage)
     trainable = make_trainable(spec, prepared)
     searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed))
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.epochs,
@@ -150,8 +199,10 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, results: Path,
                                     scheduler=scheduler, num_samples=spec.num_samples,
                                     max_concurrent_trials=spec.max_concurrent or None),
         run_config=tune.RunConfig(
-            name="tune", storage_path=str(results), verbose=0,
-            callbacks=[ProgressLine(spec.num_samples, spec.epochs, spec.objective.metric, log)],
+            name=tune_name, storage_path=storage_path, verbose=0,
+            callbacks=[ProgressLine(spec.num_samples, spec.epochs, spec.objective.metric, log),
+                       LiveTrials(results, spec.epochs),
+                       *(tracker_callbacks() if callbacks is None else callbacks)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     )

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +49,45 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SPACE = """
+name: tiny
+task: covid_vs_rest
+data: {synthetic: {n_patients: 18, size: 96, shortcut: 0.9, seed: 3}}
+folds: 2
+epochs: 2
+num_samples: 4
+base_size: 96
+input_size: 64
+views: 2
+objective: {mode: weighted, metric: balanced_accuracy, w: 0.5}
+asha: {grace_period: 1, reduction_factor: 2}
+space:
+  backbone: efficientnet_lite0
+  weights: imagenet
+  hidden: {choice: [16, 32]}
+  lr: {loguniform: [1.0e-3, 1.0e-2]}
+  augment: {choice: [none, light]}
+  crop_margin: {choice: [0.0, 0.08]}
+"""
+
+
+def cxrtune(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real command line in a subprocess, offline."""
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real `cxrtune run` (4 trials, local Ray, MLflow file store + TensorBoard on), shared by
+    every test that reads a finished sweep's files (~1 min on 2 cores)."""
+    work = tmp_path_factory.mktemp("sweep")
+    (work / "tiny.yaml").write_text(TINY_SPACE)
+    proc = cxrtune("run", "--space", str(work / "tiny.yaml"), "--out", str(work / "results"), "--name", "t1",
+                   "--mlflow", str(work / "mlruns"), "--tensorboard")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "report: " in proc.stderr
+    return work / "results" / "t1"

@@ -11,50 +11,24 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.conftest import cxrtune
 from trainable.export import load_model, preprocess_image
-
-TINY_SPACE = """
-name: tiny
-task: covid_vs_rest
-data: {synthetic: {n_patients: 18, size: 96, shortcut: 0.9, seed: 3}}
-folds: 2
-epochs: 2
-num_samples: 4
-base_size: 96
-input_size: 64
-views: 2
-objective: {mode: weighted, metric: balanced_accuracy, w: 0.5}
-asha: {grace_period: 1, reduction_factor: 2}
-space:
-  backbone: efficientnet_lite0
-  weights: imagenet
-  hidden: {choice: [16, 32]}
-  lr: {loguniform: [1.0e-3, 1.0e-2]}
-  augment: {choice: [none, light]}
-  crop_margin: {choice: [0.0, 0.08]}
-"""
 
 METRIC_KEYS = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "loss", "lung_mass", "edge_mass",
                "lung_enrichment", "objective")
 
 
 def _cxrtune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    return cxrtune(*args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("sweep")
-    (work / "tiny.yaml").write_text(TINY_SPACE)
-    proc = _cxrtune("run", "--space", str(work / "tiny.yaml"), "--out", str(work / "results"),
-                    "--name", "t1", cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work / "results" / "t1"
+def tiny_run(tiny_sweep: Path) -> Path:
+    return tiny_sweep
 
 
 def test_run_writes_trials_leaderboard_and_best(tiny_run: Path) -> None:
-    trials = pd.read_csv(tiny_run / "trials.csv")
+    trials = pd.read_csv(tiny_run / "trials.csv", dtype={"trial_id": str})
     assert len(trials) == 4 and (trials["status"] == "TERMINATED").all()
     for key in ("hidden", "lr", "augment", "crop_margin", "epochs_run", "stopped_early",
                 *(f"best_{k}" for k in METRIC_KEYS), *(f"final_{k}" for k in METRIC_KEYS)):
@@ -64,7 +38,7 @@ def test_run_writes_trials_leaderboard_and_best(tiny_run: Path) -> None:
     assert trials["trial_id"].nunique() == 4
     board = (tiny_run / "leaderboard.md").read_text()
     assert f"Winner: trial {trials['trial_id'][0]}" in board
-    history = pd.read_csv(tiny_run / "history.csv")
+    history = pd.read_csv(tiny_run / "history.csv", dtype={"trial_id": str})
     assert len(history) == trials["epochs_run"].sum()
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["trials"] == 4 and summary["best_trial"] == trials["trial_id"][0]
@@ -107,7 +81,7 @@ def test_bad_space_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_selected_is_most_lung_focused_within_delta_and_montages_exist(tiny_run: Path) -> None:
-    trials = pd.read_csv(tiny_run / "trials.csv")
+    trials = pd.read_csv(tiny_run / "trials.csv", dtype={"trial_id": str})
     selection = json.loads((tiny_run / "selection.json").read_text())
     ok = trials[trials["status"] == "TERMINATED"]
     near = ok[ok["best_balanced_accuracy"] >= ok["best_balanced_accuracy"].max() - selection["within"]]
@@ -121,7 +95,7 @@ def test_selected_is_most_lung_focused_within_delta_and_montages_exist(tiny_run:
 def test_select_command_with_wide_delta_takes_the_highest_lung_mass(tiny_run: Path) -> None:
     proc = _cxrtune("select", str(tiny_run), "--within", "1.0", cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    trials = pd.read_csv(tiny_run / "trials.csv")
+    trials = pd.read_csv(tiny_run / "trials.csv", dtype={"trial_id": str})
     selection = json.loads((tiny_run / "selection.json").read_text())
     assert selection["selected"] == trials.loc[trials["best_lung_mass"].idxmax(), "trial_id"]
 

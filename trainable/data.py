@@ -1,4 +1,7 @@
-"""Load a chest X-ray data set (manifest CSV or class folders) and validate it at the boundary.
+"""Load a chest X-ray data set (manifest CSV, class folders or a public layout) and validate it.
+
+The layout is read by an adapter (`trainable.adapters`: manifest, ieee8023, kermany,
+covid19_radiography, dicom, folders), detected automatically or chosen with `format`.
 
 Everything after `load_dataset` trusts its output: absolute paths that exist, labels mapped to
 the task's classes, a patient id per image. Pixels are checked later, when they are decoded
@@ -13,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from trainable.adapters import (IMAGE_SUFFIXES, OPTIONAL_COLUMNS, REQUIRED_COLUMNS,  # noqa: F401
+                                read_table)
 from trainable.errors import DataError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-REQUIRED_COLUMNS = ("path", "label", "patient_id")
-OPTIONAL_COLUMNS = ("id", "finding", "source", "view", "mask_path")
 
 # task name -> (class names in output order, label -> class name); `None` keeps labels as they are
 TASKS: dict[str, tuple[tuple[str, ...], dict[str, str]] | None] = {
@@ -37,6 +38,7 @@ class Dataset:
     classes: tuple[str, ...]
     labels: np.ndarray           # int64 class index per row
     task: str
+    format: str = "manifest"     # the adapter that read it (trainable.adapters.ADAPTERS)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -62,68 +64,20 @@ class Dataset:
         return h.hexdigest()[:16]
 
 
-def load_dataset(path: str | Path, task: str = "labels") -> Dataset:
-    """Read `path` (a directory with manifest.csv, a manifest CSV file, or class folders).
+def load_dataset(path: str | Path, task: str = "labels", format: str = "auto") -> Dataset:
+    """Read `path` (a directory in one of the adapters' layouts, or a manifest CSV file).
 
-    Raises DataError naming the file, row or field and the rule it broke.
+    `format` is "auto" (detect) or an adapter name: manifest, ieee8023, kermany,
+    covid19_radiography, dicom, folders. Raises DataError naming the file, row or field and the
+    rule it broke.
     """
     if task not in TASKS:
         raise DataError(f"task {task!r} is unknown; known tasks: {', '.join(TASKS)}")
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"data path {path} does not exist")
-    if path.is_file():
-        table, root = _read_manifest(path), path.parent.resolve()
-    elif (path / "manifest.csv").is_file():
-        table, root = _read_manifest(path / "manifest.csv"), path.resolve()
-    else:
-        table, root = _scan_class_folders(path), path.resolve()
+    table, root, fmt = read_table(path, format)
+    table.attrs["format"] = fmt
     table = _resolve_paths(table, root)
     classes, labels = _map_labels(table, task, root)
-    return Dataset(root=root, table=table, classes=classes, labels=labels, task=task)
-
-
-def _read_manifest(csv: Path) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{csv}: not a readable CSV manifest ({e})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
-    if missing:
-        raise DataError(f"{csv}: missing required column(s) {', '.join(missing)}; "
-                        f"a manifest needs {', '.join(REQUIRED_COLUMNS)}")
-    if table.empty:
-        raise DataError(f"{csv}: the manifest has no rows")
-    for col in REQUIRED_COLUMNS:
-        blank = table.index[table[col].str.strip() == ""]
-        if len(blank):
-            raise DataError(f"{csv}: row {blank[0] + 2} has an empty {col!r} (every row needs one)")
-    for col in OPTIONAL_COLUMNS:
-        if col not in table.columns:
-            table[col] = ""
-    if (table["id"] == "").all():
-        table["id"] = table["path"].map(lambda p: Path(p).stem)
-    table.attrs["source_file"] = str(csv)
-    return table
-
-
-def _scan_class_folders(root: Path) -> pd.DataFrame:
-    """ImageFolder layout: root/<class>/<image>; each image is its own patient (no ids known)."""
-    rows = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for img in sorted(class_dir.iterdir()):
-            if img.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append({"id": f"{class_dir.name}/{img.stem}", "path": str(img.relative_to(root)),
-                             "label": class_dir.name, "patient_id": f"{class_dir.name}/{img.stem}"})
-    if not rows:
-        raise DataError(f"{root}: no manifest.csv and no class folders with images "
-                        f"({', '.join(IMAGE_SUFFIXES)}) in it")
-    table = pd.DataFrame(rows)
-    for col in OPTIONAL_COLUMNS:
-        if col not in table.columns:
-            table[col] = ""
-    table.attrs["source_file"] = str(root)
-    return table
+    return Dataset(root=root, table=table, classes=classes, labels=labels, task=task, format=fmt)
 
 
 def _resolve_paths(table: pd.DataFrame, root: Path) -> pd.DataFrame:
@@ -137,7 +91,7 @@ def _resolve_paths(table: pd.DataFrame, root: Path) -> pd.DataFrame:
                 continue
             p = Path(rel) if Path(rel).is_absolute() else root / rel
             if not p.is_file():
-                raise DataError(f"{source}: row {i + 2}: {col} {p} does not exist")
+                raise DataError(f"{source}: {_row(table, i)}: {col} {p} does not exist")
             resolved.append(str(p))
         table[col] = resolved
     dup = table["id"][table["id"].duplicated()]
@@ -145,6 +99,15 @@ def _resolve_paths(table: pd.DataFrame, root: Path) -> pd.DataFrame:
         raise DataError(f"{source}: id {dup.iloc[0]!r} appears more than once (ids must be unique)")
     table.attrs["source_file"] = source
     return table.reset_index(drop=True)
+
+
+def _row(table: pd.DataFrame, i: int) -> str:
+    """How a user finds row `i` in the file they gave: the CSV line, or the image's id."""
+    if "metadata_row" in table.columns:
+        return f"row {table['metadata_row'].iloc[i]}"
+    if table.attrs.get("format", "manifest") == "manifest":
+        return f"row {i + 2}"
+    return f"image {table['id'].iloc[i]}"
 
 
 def _map_labels(table: pd.DataFrame, task: str, root: Path) -> tuple[tuple[str, ...], np.ndarray]:
@@ -158,7 +121,7 @@ def _map_labels(table: pd.DataFrame, task: str, root: Path) -> tuple[tuple[str, 
     unknown = table.index[~table["label"].isin(list(mapping))]
     if len(unknown):
         i = unknown[0]
-        raise DataError(f"{source}: row {i + 2}: label {table['label'][i]!r} is not one of "
+        raise DataError(f"{source}: {_row(table, i)}: label {table['label'][i]!r} is not one of "
                         f"{sorted(mapping)} (task {task!r})")
     index = {c: k for k, c in enumerate(classes)}
     labels = table["label"].map(lambda lab: index[mapping[lab]]).to_numpy(np.int64)

@@ -45,15 +45,19 @@ class FeatureSet:
 @torch.inference_mode()
 def feature_maps(backbone: Backbone, images: np.ndarray, margin: float, input_size: int,
                  params: np.ndarray | None = None, batch_size: int = 32) -> torch.Tensor:
-    """Last feature maps (N, F, h, w) float32 of uint8 images (N, S, S) through the frozen backbone."""
-    model = backbone.model.eval().to(memory_format=torch.channels_last)
+    """Last feature maps (N, F, h, w) float32 (on the CPU) of uint8 images (N, S, S) through the
+    frozen backbone. On a GPU (a task given `gpus_per_trial` > 0 sees one) the forward pass runs
+    on CUDA under float16 autocast; otherwise on the CPU in float32."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = backbone.model.eval().to(device=device, memory_format=torch.channels_last)
     out = []
     for start in range(0, len(images), batch_size):
         sl = slice(start, start + batch_size)
         x = geometry(images[sl], margin, input_size, None if params is None else params[sl])
         pre = backbone.preprocessing
         x = to_model_input(x, pre.in_chans, pre.mean, pre.std).contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float())
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            out.append(model(x.to(device, non_blocking=True)).float().cpu())
     return torch.cat(out)
 
 

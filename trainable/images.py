@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from trainable.data import Dataset
+from trainable.dicom import is_dicom, open_dicom
 from trainable.errors import DataError
 
 
@@ -73,6 +74,8 @@ def _resized(img: Image.Image, size: int) -> np.ndarray:
 
 
 def _open(path: str, what: str) -> Image.Image:
+    if is_dicom(path):  # DICOM: modality LUT, VOI LUT / window, MONOCHROME1 inverted → 8-bit 'L'
+        return open_dicom(path, what)
     try:
         with Image.open(path) as im:
             im.load()

@@ -1,6 +1,9 @@
 """Entry point 1 of 3 for the driver: turn a data set and the sweep's fixed settings into what
 every trial shares — decoded labels, the folds, lung masks per crop, and feature sets (one per
 (backbone, weights, crop, input size)) computed once, as Ray tasks, and kept in the object store.
+
+Decoded images and feature sets are also kept on disk (`trainable.cache`, content-addressed), so a
+later sweep over the same data reads them instead of decoding and running the backbones again.
 """
 from __future__ import annotations
 
@@ -11,10 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
+from trainable.cache import FeatureStore, cache_root, cached_features, decoded_images
 from trainable.data import Dataset
-from trainable.features import FeatureKey, FeatureSet, compute_features
+from trainable.errors import DataError
+from trainable.features import FeatureKey, FeatureSet
 from trainable.folds import patient_folds
-from trainable.images import decode_images, mask_geometry
+from trainable.images import mask_geometry
 from trainable.lungs import lung_atlas
 
 
@@ -31,6 +36,10 @@ class Settings:
     edge_band: float = 0.08      # border band width, fraction of each side of the model input
     atlas_threshold: float = 0.5
     cam_target: str = "true"     # the class Grad-CAM explains: "true", "predicted" or a class name
+    group_column: str = "source"  # manifest column for group-aware metrics (source, view, site, …)
+    min_cell: int = 5            # (group × class) cells smaller than this are not scored
+    cache_dir: str | None = None  # on-disk cache (trainable.cache): None = $CXRTUNE_CACHE_DIR or
+    #                               ~/.cache/cxrtune; "off" = none
 
 
 @dataclass
@@ -45,54 +54,89 @@ class Prepared:
     folds: list[tuple[np.ndarray, np.ndarray]]
     lung_masks: dict[float, np.ndarray]        # crop margin -> bool (N, input, input)
     mask_source: np.ndarray                    # per image: "data" or "atlas"
+    groups: np.ndarray                         # per image: its value of settings.group_column
     features: dict[str, object]                # str(FeatureKey) -> ObjectRef[FeatureSet] (or FeatureSet)
     data_hash: str
     timings: dict[str, float] = field(default_factory=dict)
+    images: object = None                      # ObjectRef[uint8 (N, S, S)] (or the array): for the full path
 
     def feature_set(self, key: FeatureKey) -> FeatureSet:
         value = self.features[str(key)]
         return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
+    def image_array(self) -> np.ndarray:
+        """The decoded images, read-only and zero-copy from the object store (trials that run a backbone)."""
+        return ray.get(self.images) if isinstance(self.images, ray.ObjectRef) else self.images
 
-def _feature_task(images: np.ndarray, key: FeatureKey, views: dict[str, int], seed: int
-                  ) -> tuple[dict, FeatureSet]:
-    fs = compute_features(images, key, views, seed)
-    summary = {"key": str(key), "images": fs.images_through_backbone, "seconds": fs.seconds,
-               "maps": tuple(fs.maps.shape[1:]), "weights": fs.weights_info.get("source")}
-    return summary, fs
+
+def _feature_task(images: np.ndarray, key: FeatureKey, views: dict[str, int], seed: int,
+                  store: FeatureStore | None = None) -> tuple[dict, FeatureSet]:
+    notes: list[str] = []  # the cache's messages (a corrupt entry rebuilt), shown by the driver
+    fs = cached_features(images, key, views, seed, store, log=notes.append)
+    return _summary(key, fs) | {"notes": notes}, fs
+
+
+def _summary(key: FeatureKey, fs: FeatureSet) -> dict:
+    return {"key": str(key), "images": fs.images_through_backbone, "seconds": fs.seconds,
+            "maps": tuple(fs.maps.shape[1:]), "weights": fs.weights_info.get("source"),
+            "cache": fs.extra.get("cache", "off")}
+
+
+def _feature_line(s: dict) -> str:
+    notes = "".join(f"  {n}\n" for n in s.get("notes", ()))
+    if s["cache"] == "hit":
+        return notes + f"  features {s['key']}: read from the disk cache in {s['seconds']:.1f}s, maps {s['maps']}"
+    return notes + (f"  features {s['key']}: {s['images']} images in {s['seconds']:.1f}s "
+                    f"({s['images'] / max(s['seconds'], 1e-9):.0f} img/s), maps {s['maps']}, "
+                    f"weights {s['weights']}")
 
 
 def _shared_arrays(dataset: Dataset, settings: Settings, keys: list[FeatureKey],
-                   progress: Callable[[str], None]) -> tuple[np.ndarray, dict]:
-    """Decode once, split once, lung masks per crop: everything but the features."""
+                   progress: Callable[[str], None]) -> tuple[np.ndarray, FeatureStore, dict]:
+    """Decode once (or read the image cache), split once, lung masks per crop: all but the features."""
     folds = patient_folds(dataset.labels, dataset.patients, dataset.classes, settings.folds, settings.seed)
     t0 = time.perf_counter()
-    images, masks = decode_images(dataset, settings.base_size)
+    root = cache_root(settings.cache_dir)
+    decoded = decoded_images(dataset, settings.base_size, root, progress)
+    images, masks = decoded.images, decoded.masks
     has_mask = dataset.has_masks
     if not has_mask.all():
         masks[~has_mask] = lung_atlas(settings.base_size, settings.atlas_threshold)
     t_decode = time.perf_counter() - t0
-    progress(f"decoded {len(images)} images at {settings.base_size}px in {t_decode:.1f}s "
+    progress(f"{'read from the image cache' if decoded.hit else 'decoded'}: {len(images)} images at "
+             f"{settings.base_size}px in {t_decode:.1f}s "
              f"({int(has_mask.sum())} with their own lung mask, the rest use the atlas)")
     lung = {m: mask_geometry(masks, m, settings.input_size) for m in sorted({k.crop_margin for k in keys})}
     fields = dict(settings=settings, classes=dataset.classes, labels=dataset.labels,
                   ids=dataset.table["id"].tolist(), paths=dataset.table["path"].tolist(), folds=folds,
                   lung_masks=lung, mask_source=np.where(has_mask, "data", "atlas"),
+                  groups=_groups(dataset, settings.group_column),
                   data_hash=dataset.content_hash())
-    return images, fields | {"timings": {"decode_s": t_decode}}
+    timings = {"decode_s": t_decode, "decode_cache_hit": float(decoded.hit)}
+    return images, FeatureStore(root, decoded.digest), fields | {"timings": timings}
+
+
+def _groups(dataset: Dataset, column: str) -> np.ndarray:
+    """The grouping column as strings; images without a value form the group "unknown"."""
+    if column not in dataset.table:
+        raise DataError(f"group_column {column!r} is not a column of the data "
+                        f"(columns: {', '.join(map(str, dataset.table.columns))})")
+    values = dataset.table[column].astype(str).replace({"": "unknown", "nan": "unknown"})
+    return values.to_numpy()
 
 
 def prepare_local(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKey],
                   augment_policies: Iterable[str], progress: Callable[[str], None] = print) -> Prepared:
     """The same as `prepare_sweep`, computed in this process (no Ray): for select/export after a sweep."""
     keys = sorted(set(keys), key=str)
-    images, fields = _shared_arrays(dataset, settings, keys, progress)
+    images, store, fields = _shared_arrays(dataset, settings, keys, progress)
     views = {p: settings.views for p in sorted(set(augment_policies))}
     features = {}
     for k in keys:
-        features[str(k)] = fs = compute_features(images, k, views, settings.seed)
-        progress(f"  features {k}: {fs.images_through_backbone} images in {fs.seconds:.1f}s")
-    return Prepared(features=features, **fields)
+        summary, features[str(k)] = _feature_task(images, k, views, settings.seed, store)
+        progress(_feature_line(summary))
+    fields["timings"]["feature_cache_hits"] = float(sum(fs.extra.get("cache") == "hit" for fs in features.values()))
+    return Prepared(features=features, images=images, **fields)
 
 
 def prepare_sweep(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKey],
@@ -100,24 +144,31 @@ def prepare_sweep(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
                   progress: Callable[[str], None] = print) -> Prepared:
     """Decode once, split once, launch one feature task per key and wait for all of them."""
     keys = sorted(set(keys), key=str)
-    images, fields = _shared_arrays(dataset, settings, keys, progress)
+    images, store, fields = _shared_arrays(dataset, settings, keys, progress)
     views = {p: settings.views for p in sorted(set(augment_policies))}
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, num_returns=2)(_feature_task)
-    images_ref = ray.put(images)
+    images_ref = ray.put(images)  # once per sweep: feature tasks and full-path trials read it zero-copy
     refs: dict[str, object] = {}
     summaries = []
+    hits, t1 = 0, time.perf_counter()
     for k in keys:
-        summary, features = task.remote(images_ref, k, views, settings.seed)
+        cached = cached_features(None, k, views, settings.seed, store, progress, compute=False)
+        if cached is not None:  # on disk already: no worker, no backbone
+            refs[str(k)] = ray.put(cached)
+            progress(_feature_line(_summary(k, cached)))
+            hits += 1
+            continue
+        summary, features = task.remote(images_ref, k, views, settings.seed, store)
         refs[str(k)] = features
         summaries.append(summary)
-    t1 = time.perf_counter()
-    progress(f"computing frozen-backbone features for {len(keys)} key(s) "
-             f"({len(views)} augmentation policies, {settings.views} views each)")
+    if summaries:
+        progress(f"computing frozen-backbone features for {len(summaries)} key(s) "
+                 f"({len(views)} augmentation policies, {settings.views} views each)")
     while summaries:
         done, summaries = ray.wait(summaries, num_returns=1)
         s = ray.get(done[0])  # the small summary only: the arrays stay in the object store
-        progress(f"  features {s['key']}: {s['images']} images in {s['seconds']:.1f}s "
-                 f"({s['images'] / max(s['seconds'], 1e-9):.0f} img/s), maps {s['maps']}, "
-                 f"weights {s['weights']}")
+        hits += s["cache"] == "hit"
+        progress(_feature_line(s))
     fields["timings"]["features_s"] = time.perf_counter() - t1
-    return Prepared(features=refs, **fields)
+    fields["timings"]["feature_cache_hits"] = float(hits)
+    return Prepared(features=refs, images=images_ref, **fields)

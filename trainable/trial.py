@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from sklearn.metrics import confusion_matrix
 
 from trainable.explain import explanation_scores
 from trainable.features import FeatureKey, FeatureSet
+from trainable.groups import group_metrics
 from trainable.head import Head, class_weights, predict_proba, train_one_epoch
 from trainable.images import edge_band
 from trainable.metrics import classification_metrics
@@ -99,7 +101,7 @@ def run_epoch(states: list[FoldState], config: dict, prepared: Prepared, fs: Fea
     lung = prepared.lung_masks[float(config["crop_margin"])]
     edge = edge_band(s.input_size, s.edge_band)
     per_fold: dict[str, list[float]] = {}
-    oof_pred = np.zeros(len(y), np.int64)
+    oof_probs = np.zeros((len(y), len(prepared.classes)))
     oof_lung, oof_edge = np.zeros(len(y)), np.zeros(len(y))
     for k, ((tr, va), st) in enumerate(zip(prepared.folds, states)):
         v = train_view(epoch, len(pooled), s.seed, k)
@@ -111,19 +113,33 @@ def run_epoch(states: list[FoldState], config: dict, prepared: Prepared, fs: Fea
         targets = cam_targets(s.cam_target, y[va], probs, prepared.classes)
         lung_mass, edge_mass = explanation_scores(st.head, torch.from_numpy(fs.maps[va]), targets,
                                                   lung[va], edge)
-        oof_pred[va], oof_lung[va], oof_edge[va] = probs.argmax(1), lung_mass, edge_mass
+        oof_probs[va], oof_lung[va], oof_edge[va] = probs, lung_mass, edge_mass
+        fold_groups = group_metrics(y[va], probs, prepared.groups[va], prepared.classes, s.min_cell)
+        m.update(worst_group_accuracy=fold_groups["worst_group_accuracy"],
+                 within_group_auc=fold_groups["within_group_auc"])
         m.update(train_loss=train_loss, lung_mass=float(lung_mass.mean()),
                  edge_mass=float(edge_mass.mean()),
                  lung_enrichment=float(lung_mass.mean() / max(lung[va].mean(), 1e-9)))
         for name, value in m.items():
             per_fold.setdefault(name, []).append(value)
-    out: dict = {name: float(np.nanmean(values)) for name, values in per_fold.items()}
+    out: dict = {name: float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
+                 for name, values in per_fold.items()}
+    # per (group × class) recall on all out-of-fold predictions: cells are too small per fold
+    pooled = group_metrics(y, oof_probs, prepared.groups, prepared.classes, s.min_cell)
+    out |= {k: v for k, v in pooled.items() if k.startswith("recall_")}
+    # trial-level group metrics come from the pooled out-of-fold predictions; the per-fold values
+    # (cells of a few images) stay in fold_worst_group_accuracy
+    out["fold_mean_worst_group_accuracy"] = out.pop("worst_group_accuracy")
+    out.pop("within_group_auc")
+    out["worst_group_accuracy"] = pooled["worst_group_accuracy"]
+    out["within_group_auc"] = pooled["within_group_auc"]
     for c, name in enumerate(prepared.classes):
         out[f"lung_mass_{name}"] = float(oof_lung[y == c].mean())
         out[f"edge_mass_{name}"] = float(oof_edge[y == c].mean())
-    out["confusion"] = json.dumps(confusion_matrix(y, oof_pred, labels=list(range(len(prepared.classes)))).tolist())
+    out["confusion"] = json.dumps(confusion_matrix(y, oof_probs.argmax(1),
+                                                   labels=list(range(len(prepared.classes)))).tolist())
     return out | {f"fold_{name}": values for name, values in per_fold.items()
-                  if name in ("balanced_accuracy", "lung_mass")}
+                  if name in ("balanced_accuracy", "lung_mass", "worst_group_accuracy")}
 
 
 def _save(d: str, states: list[FoldState], epoch: int, history: list[dict]) -> tune.Checkpoint:
@@ -158,12 +174,17 @@ def run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
     if checkpoint is not None:
         start_epoch, history = _restore(states, checkpoint)
     node = ray.get_runtime_context().get_node_id()
+    # fault-tolerance drills (tests, docs/cluster.md): slow every epoch down so a worker can be killed mid-trial
+    delay_s = float(os.environ.get("CXRTUNE_EPOCH_DELAY_S", "0") or 0)
     for epoch in range(start_epoch, prepared.settings.epochs):
+        if delay_s > 0:
+            time.sleep(delay_s)
         metrics = run_epoch(states, config, prepared, fs, epoch)
         metrics["objective"] = float(score(metrics))
         metrics["epoch"] = epoch + 1
         history.append({k: v for k, v in metrics.items() if not k.startswith("fold_") and k != "confusion"})
-        info = {"node_id": node, "weights_source": fs.weights_info.get("source", ""),
+        info = {"node_id": node, "restored_from_epoch": start_epoch,  # > 0: resumed from a checkpoint
+                "weights_source": fs.weights_info.get("source", ""),
                 "weights_sha256": fs.weights_info.get("sha256") or "",
                 "cam_grid": "x".join(map(str, fs.maps.shape[2:]))}
         with tempfile.TemporaryDirectory(prefix="cxrtune-ckpt-") as d:
