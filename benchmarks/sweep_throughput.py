@@ -372,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warm", action=argparse.BooleanOptionalAction, default=None,
                     help="also run cxrtune a second time on the warm disk cache (default: on, off with --quick)")
-    ap.add_argument("--reuse-actors", action="store_true",
-                    help="Tune reuse_actors=True in both modes (search.sweep.make_tuner leaves it off)")
+    ap.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,
+                    help="Tune reuse_actors in both modes (default on, as search.sweep.make_tuner does)")
     ap.add_argument("--cache-dir", default=None, help="feature/image cache (default: a fresh temporary one)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)

@@ -1,9 +1,12 @@
 """Shared fixtures: small real files on disk, and one local Ray cluster per test session."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,11 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+# a disk cache of their own (decoded images, features): tests neither read a user's ~/.cache/cxrtune
+# nor leave entries in it; shared by the session's tests, Ray workers and `cxrtune` subprocesses
+_CACHE = tempfile.mkdtemp(prefix="cxrtune-test-cache-")
+os.environ.setdefault("CXRTUNE_CACHE_DIR", _CACHE)
+atexit.register(shutil.rmtree, _CACHE, True)
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-real"
 
 
