@@ -3,11 +3,14 @@
 `run_naive_trial` is what a plain Ray Tune function trainable does with a frozen backbone: it
 builds the backbone, and in every epoch, for every fold, runs it over that fold's training images
 (at the epoch's augmentation view) and validation images (unaugmented) — K × N images per
-trial-epoch — then trains the K heads and scores Grad-CAM with the project's own
-`trainable.trial.run_epoch`. Nothing is cached, nothing is shared between trials. The only
-difference from `trainable.trial.run_trial` is where the feature maps come from, so for the same
-config and seeds both give the same per-epoch metrics (up to the fast path's fp16 maps and
-batch-composition rounding): `tests/test_fast_vs_naive.py`.
+trial-epoch — then trains the K heads with the project's own `trainable.trial.run_epoch`. Its
+Grad-CAM (`cam="reference"`, the default) is what such a trainable would call: pytorch-grad-cam's
+`GradCAM` on the full model (backbone → pool → head) at the registry's target layer, one forward
+and backward pass per validation image (`LibraryCam`); `cam="fast"` scores it from the maps this
+epoch computed instead, with cxrtune's exact formula. Nothing is cached, nothing is shared between
+trials. For the same config and seeds both ways give `trainable.trial.run_trial`'s per-epoch
+metrics (up to the fast path's fp16 maps and batch-composition rounding; Grad-CAM agrees to
+~1e-5): `tests/test_fast_vs_naive.py`.
 
 Both ways are also here as plain generators of (metrics, fold states) per epoch (`naive_epochs`,
 `cached_epochs`) for the test and for the benchmark's in-process lower bound.
@@ -24,9 +27,14 @@ import ray
 import torch
 from ray import tune
 
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
 from trainable.backbones import Backbone, build_backbone
+from trainable.explain import region_masses
 from trainable.features import FeatureKey, FeatureSet, feature_maps
-from trainable.images import AUGMENT_POLICIES, view_params
+from trainable.head import Classifier
+from trainable.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
 from trainable.prepare import Prepared
 from trainable.trial import (FoldState, _save, feature_key, new_fold_state, run_epoch, train_view,
                              with_defaults)
@@ -64,20 +72,60 @@ def epoch_features(backbone: Backbone, images: np.ndarray, key: FeatureKey, poli
     return fs, count, seconds
 
 
-def naive_epochs(config: dict, prepared: Prepared, images: np.ndarray | None = None) -> Epochs:
-    """Per-epoch metrics of one trial computed the naive way (backbone inside every fold and epoch)."""
+class LibraryCam:
+    """Lung / edge mass of pytorch-grad-cam's GradCAM on the full model, for `run_epoch(cam=…)`."""
+
+    def __init__(self, backbone: Backbone, key: FeatureKey, batch_size: int = 32) -> None:
+        self.backbone, self.key, self.batch_size = backbone, key, batch_size
+        self.layer = backbone.model.get_submodule(backbone.target_layer)
+        self.images = 0  # validation images explained (each a forward and a backward pass)
+
+    def masses(self, head: torch.nn.Module, images: np.ndarray, targets: torch.Tensor, lung_masks: np.ndarray,
+               edge: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pre = self.backbone.preprocessing
+        model = Classifier(self.backbone.model, head)
+        was_training = head.training
+        model.eval()
+        lung, edge_m = [], []
+        try:
+            with GradCAM(model=model, target_layers=[self.layer]) as cam:
+                for s in range(0, len(images), self.batch_size):
+                    x = to_model_input(geometry(images[s:s + self.batch_size], self.key.crop_margin,
+                                                self.key.input_size), pre.in_chans, pre.mean, pre.std)
+                    maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t))
+                                                        for t in targets[s:s + self.batch_size]])
+                    lm, em = region_masses(maps, lung_masks[s:s + self.batch_size], edge)
+                    lung.append(lm)
+                    edge_m.append(em)
+        finally:
+            head.train(was_training)
+        self.images += len(images)
+        return np.concatenate(lung), np.concatenate(edge_m)
+
+
+def naive_epochs(config: dict, prepared: Prepared, images: np.ndarray | None = None,
+                 cam: str = "reference") -> Epochs:
+    """Per-epoch metrics of one trial computed the naive way (backbone inside every fold and epoch).
+
+    `cam`: "reference" (pytorch-grad-cam on the full model, as a plain trainable would) or "fast"
+    (cxrtune's exact formula on the maps this epoch computed)."""
+    if cam not in ("reference", "fast"):
+        raise ValueError(f"cam must be 'reference' or 'fast' (got {cam!r})")
     config = with_defaults(config)
     images = prepared.image_array() if images is None else images
     key = feature_key(config, prepared)
     # the backbone first: building it draws from torch's global RNG, which the heads' dropout uses
     backbone = build_backbone(key.backbone, key.weights)
+    library = LibraryCam(backbone, key) if cam == "reference" else None
     n_views = 1 if config["augment"] == "none" else prepared.settings.views
     states = [new_fold_state(config, backbone.num_features, len(prepared.classes), prepared.settings.seed + k)
               for k in range(len(prepared.folds))]
     for epoch in range(prepared.settings.epochs):
         fs, count, seconds = epoch_features(backbone, images, key, config["augment"], n_views, prepared, epoch)
-        metrics = run_epoch(states, config, prepared, fs, epoch)
-        yield metrics | {"epoch": epoch + 1, "backbone_images": count, "backbone_s": seconds}, states
+        t0 = time.perf_counter()
+        metrics = run_epoch(states, config, prepared, fs, epoch, library)
+        yield metrics | {"epoch": epoch + 1, "backbone_images": count, "backbone_s": seconds,
+                         "heads_and_cam_s": time.perf_counter() - t0}, states
 
 
 def cached_epochs(config: dict, prepared: Prepared) -> Epochs:
@@ -91,14 +139,14 @@ def cached_epochs(config: dict, prepared: Prepared) -> Epochs:
 
 
 def run_naive_trial(config: dict, prepared: Prepared, score: Callable[[dict], float],
-                    epochs: int | None = None) -> None:
+                    epochs: int | None = None, cam: str = "reference") -> None:
     """Ray Tune function trainable, the naive way: reports the same metrics (and a checkpoint of the
     heads) as `run_trial` every epoch, plus `backbone_images` / `backbone_s` of that epoch.
     `epochs` stops it early (the benchmark times a few trial-epochs and extrapolates)."""
     torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
     history: list[dict] = []
     node = ray.get_runtime_context().get_node_id()
-    for metrics, states in naive_epochs(config, prepared):
+    for metrics, states in naive_epochs(config, prepared, cam=cam):
         metrics["objective"] = float(score(metrics))
         history.append({k: v for k, v in metrics.items() if not k.startswith("fold_") and k != "confusion"})
         with tempfile.TemporaryDirectory(prefix="cxrtune-naive-ckpt-") as d:

@@ -12,7 +12,9 @@ The same space, data, trial configs and seeds, back to back in one invocation:
 * ``cxrtune, warm disk cache`` — the same sweep again: decoded images and features read from the
   on-disk cache the cold run wrote (what the next sweep on the same data pays).
 * ``naive`` — a Ray Tune Tuner running `benchmarks.naive.run_naive_trial`: every trial runs the
-  backbone over every image of every fold in every epoch. The full run may time only some
+  backbone over every image of every fold in every epoch, and scores Grad-CAM with pytorch-grad-cam
+  on the full model (``--naive-cam reference``, as a plain trainable would) or with cxrtune's exact
+  formula on the maps it just computed (``--naive-cam fast``). The full run may time only some
   trial-epochs (``--naive-trial-epochs``, at least 8) and extrapolate; it says so when it does.
 
 Trials are drawn once from the space with a seeded RNG and run with a FIFO scheduler (no early
@@ -277,7 +279,8 @@ def cxrtune_mode(label: str, dataset: Dataset, settings: Settings, keys, policie
 
 
 def naive_mode(prepared: Prepared, configs: list[dict], score, cpus_per_trial: int, concurrency: int,
-               budget: int, storage: Path, mem: TreeMemory, log, reuse_actors: bool = False) -> dict:
+               budget: int, storage: Path, mem: TreeMemory, log, reuse_actors: bool = False,
+               cam: str = "reference") -> dict:
     """All trials in full (budget 0), or >= `budget` trial-epochs spread over the backbones, extrapolated."""
     epochs = prepared.settings.epochs
     total = len(configs) * epochs
@@ -293,13 +296,13 @@ def naive_mode(prepared: Prepared, configs: list[dict], score, cpus_per_trial: i
         run_epochs = min(epochs, math.ceil(budget / n))
     t0 = time.perf_counter()
     history = _fit("naive", naive.run_naive_trial, prepared, [configs[i] for i in chosen], score, cpus_per_trial,
-                   storage, log, reuse_actors, epochs=run_epochs)
+                   storage, log, reuse_actors, epochs=run_epochs, cam=cam)
     measured = time.perf_counter() - t0
     history = {chosen[j]: h for j, h in history.items()}
     rows = [r for h in history.values() for r in h]
     images = sum(r["backbone_images"] for r in rows)
     backbone_s = sum(r["backbone_s"] for r in rows)
-    out = dict(mode="naive (backbone in every trial, fold and epoch)", measured_wall_s=measured,
+    out = dict(mode=f"naive (backbone in every trial, fold and epoch; {cam} Grad-CAM)", measured_wall_s=measured,
                trial_epochs_run=len(rows), backbone_images=images, backbone_rate=images / (backbone_s / concurrency),
                cache_bytes=0, cache_note="none", history=history, extrapolated=False)
     if len(chosen) == len(configs) and run_epochs == epochs:
@@ -374,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run cxrtune a second time on the warm disk cache (default: on, off with --quick)")
     ap.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,
                     help="Tune reuse_actors in both modes (default on, as search.sweep.make_tuner does)")
+    ap.add_argument("--naive-cam", choices=("reference", "fast"), default="reference",
+                    help="naive Grad-CAM: pytorch-grad-cam on the full model (reference, default) or the "
+                         "exact formula on the maps the naive epoch computed (fast)")
     ap.add_argument("--cache-dir", default=None, help="feature/image cache (default: a fresh temporary one)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -453,12 +459,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"({_trial_phase(warm, concurrency)})")
             rows.append(warm)
 
-        log("naive: Tuner(run_naive_trial)")
+        log(f"naive: Tuner(run_naive_trial), {args.naive_cam} Grad-CAM")
         bare = dataclasses.replace(prepared, features={})  # the decoded images only: no feature cache
         del prepared
         gc.collect()
         nv = naive_mode(bare, configs, score, cpt, concurrency, sizes["naive_trial_epochs"], work / "tune", mem, log,
-                        reuse)
+                        reuse, args.naive_cam)
         del bare
         rows.insert(0, nv)
         if nv["extrapolated"]:

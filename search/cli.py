@@ -75,6 +75,8 @@ def data_synth(
     shortcut: float = typer.Option(0.0, help="Marker/class correlation P: P of covid images carry an edge marker, 1-P of the others; 0 = no markers."),
     seed: int = typer.Option(0, help="Random seed (same seed, same bytes)."),
     lesion_strength: float = typer.Option(1.0, help="Lesion brightness factor (lower: subtler true signal)."),
+    confound: str = typer.Option("none", help="'anatomy': adult-like vs child-like bodies correlated with the class (manifest column `body`)."),
+    confound_rate: float = typer.Option(0.85, help="With --confound anatomy: share of covid patients that are adults and of the others that are children, in [0.5, 1]; 0.5 = body independent of the class (a test set)."),
 ) -> None:
     """Generate deterministic phantom chest X-rays with true lung masks and optional shortcut markers."""
     from trainable.phantom import synthesize
@@ -83,7 +85,7 @@ def data_synth(
         raise _user_error(f"{out} already holds a data set (manifest.csv); choose another --out")
     try:
         manifest = synthesize(out, n_patients=n_patients, size=size, shortcut=shortcut, seed=seed,
-                              lesion_strength=lesion_strength)
+                              lesion_strength=lesion_strength, confound=confound, confound_rate=confound_rate)
     except ValueError as e:
         raise _user_error(str(e)) from None
     console.print(f"wrote {manifest}", markup=False)
@@ -100,6 +102,9 @@ def select(
 
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
     export_selection(results, within=within, metric=metric, log=log)
+    from search.heldout import rescore_heldout
+
+    rescore_heldout(results, log)  # selected/ changed: its held-out scores follow
     if (results / "report.html").is_file():  # the report shows the selection: keep it in step
         from search.report import write_report
 

@@ -53,9 +53,15 @@ def evaluate(model_dir: str | Path, data: str | Path, format: str = "auto", batc
              log: Callable[[str], None] = lambda m: None) -> dict:
     """Metrics, per-class precision/recall/F1, confusion matrix and Grad-CAM lung/edge mass, overall,
     per source and per image (`per_image`: id, label, predicted, probabilities, masses)."""
+    return evaluate_dataset(model_dir, load_dataset(data, "labels", format), str(data), batch_size, log)
+
+
+def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_size: int = 32,
+                     log: Callable[[str], None] = lambda m: None) -> dict:
+    """`evaluate` on a loaded data set (e.g. a sweep's held-out patients, `search.heldout`);
+    `data` names it in messages and in the result."""
     model, meta = load_model(model_dir)
     classes = [str(c) for c in meta["classes"]]
-    dataset = load_dataset(data, "labels", format)
     mapping = match_labels(dataset, classes, str(data))
     y = np.array([classes.index(mapping[lab]) for lab in dataset.table["label"].astype(str)], np.int64)
     pre = meta["preprocessing"]
@@ -196,16 +202,17 @@ def write_json(result: dict, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(_plain(result), indent=2, allow_nan=False))
+    tmp.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
     tmp.replace(out)
     return out
 
 
-def _plain(o: object) -> object:
+def json_safe(o: object) -> object:
+    """`o` with numpy scalars as Python numbers, tuples as lists, keys as strings, NaN/inf as None."""
     if isinstance(o, dict):
-        return {str(k): _plain(v) for k, v in o.items()}
+        return {str(k): json_safe(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_plain(v) for v in o]
+        return [json_safe(v) for v in o]
     if isinstance(o, (np.integer, np.floating)):
         o = o.item()
     if isinstance(o, float) and not math.isfinite(o):

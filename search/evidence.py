@@ -2,7 +2,9 @@
 
 Each column is one trial; each row one validation image, explained by the head of the fold that
 did NOT train on it (the trial's last checkpoint holds one head per fold), so the picture shows
-out-of-fold evidence — what cross-validation scored.
+out-of-fold evidence — what cross-validation scored. When the trial fine-tuned, its last checkpoint
+holds each fold's fine-tuned model (restored to its best ft epoch), and the maps are recomputed with
+that fold's own backbone, as the fine-tuning stage did for its lung / edge mass.
 """
 from __future__ import annotations
 
@@ -16,20 +18,28 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from trainable.explain import gradcam_from_maps, normalise_and_resize, region_masses  # noqa: E402
-from trainable.head import Head, predict_proba  # noqa: E402
+from trainable.finetune import fold_model, predict_with_maps  # noqa: E402
+from trainable.head import Classifier, Head, predict_proba  # noqa: E402
 from trainable.images import edge_band, geometry, read_gray  # noqa: E402
 from trainable.prepare import Prepared  # noqa: E402
 from trainable.trial import feature_key, with_defaults  # noqa: E402
 
 
 def fold_heads(results: Path, trial_id: str) -> list[dict]:
-    """The per-fold head state dicts of a trial's latest checkpoint."""
+    """The per-fold state dicts of a trial's latest checkpoint: each fold's head, or its whole
+    fine-tuned model (keys `backbone.*`, `head.*`) when the trial reached the fine-tuning stage."""
     dirs = sorted((results / "tune").glob(f"*_{trial_id}_*"))
     ckpts = sorted((c for d in dirs for c in d.glob("checkpoint_*")), key=lambda p: p.name)
     if not ckpts:
         raise FileNotFoundError(f"no checkpoint of trial {trial_id} under {results / 'tune'}")
-    state = torch.load(ckpts[-1] / "state.pt", weights_only=False)
+    state = torch.load(ckpts[-1] / "state.pt", weights_only=False, map_location="cpu")
+    if state.get("ft"):  # trainable.finetune: the heads alone would explain the ImageNet maps
+        return [f["model"] for f in state["ft"]["folds"]]
     return state["heads"]
+
+
+def _finetuned(states: list[dict]) -> bool:
+    return any(k.startswith("backbone.") for k in states[0])
 
 
 def pick_images(prepared: Prepared, n: int, seed: int = 0) -> np.ndarray:
@@ -56,7 +66,19 @@ def trial_cams(prepared: Prepared, config: dict, heads: list[dict], picks: np.nd
     lung = prepared.lung_masks[float(config["crop_margin"])]
     edge = edge_band(size, prepared.settings.edge_band)
     cams, preds = [], []
+    models: dict[int, Classifier] = {}
     for i in picks:
+        if _finetuned(heads):  # this fold's fine-tuned backbone: its maps, not the cached ImageNet ones
+            k = int(fold_of[i])
+            if k not in models:
+                models[k] = fold_model(config, fs.maps.shape[1], len(prepared.classes), heads[k])
+            head = models[k].head
+            probs, maps = predict_with_maps(models[k], prepared.image_array()[i:i + 1], fs.preprocessing,
+                                            float(config["crop_margin"]), size)
+            preds.append(int(probs.argmax()))
+            cams.append(normalise_and_resize(gradcam_from_maps(head, maps, torch.tensor([prepared.labels[i]])),
+                                             size)[0].detach().numpy())
+            continue
         head = Head(fs.maps.shape[1], int(config["hidden"]), len(prepared.classes), float(config["dropout"]))
         head.load_state_dict(heads[fold_of[i]])
         maps = torch.from_numpy(fs.maps[i:i + 1].astype(np.float32))

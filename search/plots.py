@@ -137,6 +137,10 @@ def curves_plot(history: pd.DataFrame, trial_id: str, metric: str, best_epoch: f
         ax.xaxis.get_major_locator().set_params(integer=True)
         if best_epoch is not None and np.isfinite(best_epoch):
             ax.axvline(best_epoch, color="#888", ls=":", lw=1.2, label="best epoch" if ax is left else None)
+        if "stage" in h and (h["stage"] == "ft").any():  # the fine-tuning epochs (trainable.finetune)
+            first_ft = float(e[(h["stage"] == "ft").to_numpy()].min())
+            ax.axvspan(first_ft - 0.5, e.max() + 0.5, color="#eee", zorder=0,
+                       label="fine-tuning" if ax is left else None)
     for col, label, colour in (("train_loss", "training loss", ORANGE), ("loss", "validation loss", BLUE)):
         if col in h:
             left.plot(e, h[col], marker="o", ms=3, color=colour, label=label)

@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 
 from search import plots
+from search.objective import pareto_front  # noqa: F401 - the front is computed there; re-exported
+from search.heldout_report import section_heldout
 from trainable.errors import CxrtuneError
 
 TOP_MODELS = 3
@@ -35,26 +37,6 @@ TOP_MODELS = 3
 
 class ReportError(CxrtuneError):
     """The directory is not a sweep's results (the CLI prints this on one line, exit 2)."""
-
-
-def pareto_front(x, y) -> np.ndarray:
-    """Boolean mask of the points that no other point dominates when both x and y are maximised.
-
-    A point is dominated when another is at least as good on both and better on one; equal points
-    are all on the front. NaN coordinates are never on it.
-
-    >>> pareto_front([0.1, 0.5, 0.3, 0.5], [0.9, 0.5, 0.4, 0.5]).tolist()
-    [True, True, False, True]
-    """
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"x and y must be 1-D and the same length (got shapes {x.shape} and {y.shape})")
-    ok = ~(np.isnan(x) | np.isnan(y))
-    front = np.zeros(len(x), dtype=bool)
-    for i in np.flatnonzero(ok):
-        dominated_by = ok & (x >= x[i]) & (y >= y[i]) & ((x > x[i]) | (y > y[i]))
-        front[i] = not dominated_by.any()
-    return front
 
 
 def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
@@ -217,7 +199,9 @@ def section_summary(s: Sweep) -> str:
     stat = "".join(f'<div class="stat{" bad" if k == "failed" and v else ""}"><b>{_e(v)}</b><span>{_e(k)}</span></div>'
                    for k, v in cards)
     who = []
-    explain = {"objective-best": "highest objective — exported to best/",
+    pareto_mode = s.space.get("spec", {}).get("objective", {}).get("mode") == "pareto"
+    explain = {"objective-best": ("Pareto-front member with the highest objective" if pareto_mode
+                                  else "highest objective") + " — exported to best/",
                "selected": f"most lung-focused within Δ{' ' + str(s.selection['within']) if 'within' in s.selection else ''}"
                            f" of the best {s.metric} — exported to selected/",
                "metric-best": f"highest {s.metric} alone (what a metric-only search picks)"}
@@ -384,7 +368,14 @@ def section_tradeoff(s: Sweep) -> str:
     png = plots.tradeoff_plot(ok, s.metric, front, s.roles)
     return (f'<section id="tradeoff"><h2>Accuracy vs lung focus</h2>'
             f'<p class="note">Pareto front (no trial is better on both {_e(s.metric)} and lung_mass): '
-            f'<code>{_e(on)}</code>.</p>{_img(png, "metric vs lung_mass scatter with the Pareto front")}</section>')
+            f'<code>{_e(on)}</code>.{_e(_pareto_mode_note(s))}</p>{_img(png, "metric vs lung_mass scatter with the Pareto front")}</section>')
+
+
+def _pareto_mode_note(s: Sweep) -> str:
+    if s.space.get("spec", {}).get("objective", {}).get("mode") != "pareto":
+        return ""
+    return (f" Objective mode pareto: the searcher maximised {s.metric} and lung_mass together, ASHA "
+            f"stopped trials on the weighted objective, and best/ is the front member with the highest objective.")
 
 
 def section_asha(s: Sweep) -> str:
@@ -580,10 +571,11 @@ def build_report(results: Path) -> str:
             f"{_num(r.get('best_edge_mass'), '.0%')} on the image edges." if r is not None
             else "No trial finished.")
     nav = "".join(f'<a href="#{i}">{t}</a>' for i, t in (
-        ("summary", "Summary"), ("leaderboard", "Leaderboard"), ("tradeoff", "Accuracy vs lung focus"),
+        ("summary", "Summary"), ("heldout", "Held-out test"), ("leaderboard", "Leaderboard"),
+        ("tradeoff", "Accuracy vs lung focus"),
         ("asha", "ASHA"), ("gradcam", "Grad-CAM"), ("models", "Top models")))
     body = "".join([
-        section_summary(s), section_leaderboard(s),
+        section_summary(s), section_heldout(s.root), section_leaderboard(s),
         f'<div class="grid2">{section_tradeoff(s)}{section_asha(s)}</div>',
         section_gradcam(s), section_models(s)])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

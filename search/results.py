@@ -18,6 +18,7 @@ import pandas as pd
 from pydantic import BaseModel
 from ray import tune
 
+from search.pareto import front_note, order_trials
 from trainable.data import Dataset
 from trainable.errors import CxrtuneError
 from trainable.export import export_model
@@ -29,7 +30,7 @@ class SweepError(CxrtuneError, RuntimeError):
 
 REPORTED = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "loss", "lung_mass", "edge_mass",
             "lung_enrichment", "worst_group_accuracy", "within_group_auc", "fold_mean_worst_group_accuracy",
-            "objective")
+            "objective", "ft_epochs_kept")  # ft_epochs_kept: fine-tuning epochs export refits (trainable.finetune)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -54,8 +55,9 @@ def trial_rows(result_grid: tune.ResultGrid, epochs: int) -> pd.DataFrame:
         best = history.loc[history["objective"].idxmax()]
         last = history.iloc[-1]
         n = int(last["training_iteration"])
+        planned = epochs + int((result.config or {}).get("ft_epochs", 0) or 0)  # ft epochs follow the head's
         row.update(status="ERROR" if result.error else "TERMINATED", epochs_run=n,
-                   stopped_early=bool(result.error is None and n < epochs), best_epoch=int(best["epoch"]))
+                   stopped_early=bool(result.error is None and n < planned), best_epoch=int(best["epoch"]))
         per_class = [c for c in history.columns if c.startswith(("lung_mass_", "edge_mass_", "recall_"))]
         row.update({f"best_{k}": float(best[k]) for k in (*REPORTED, *per_class) if k in best})
         row.update({f"final_{k}": float(last[k]) for k in REPORTED if k in last})
@@ -77,20 +79,20 @@ def epoch_history(result_grid: tune.ResultGrid) -> pd.DataFrame:
         h = result.metrics_dataframe
         if h is None or h.empty:
             continue
-        keep = [c for c in ("trial_id", "epoch", *REPORTED, "train_loss", "time_total_s") if c in h]
+        keep = [c for c in ("trial_id", "epoch", "stage", *REPORTED, "train_loss", "time_total_s") if c in h]
         frames.append(h[keep])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["trial_id", "epoch"])
 
 
-def leaderboard_markdown(df: pd.DataFrame, metric: str, searched: list[str], title: str) -> str:
+def leaderboard_markdown(df: pd.DataFrame, metric: str, searched: list[str], title: str, note: str = "") -> str:
     ok = df[df["status"] == "TERMINATED"]
     cols = ["trial_id", *searched, "epochs_run", "stopped_early", f"best_{metric}",
-            "best_lung_mass", "best_edge_mass", "best_objective"]
+            "best_lung_mass", "best_edge_mass", "best_objective", "pareto"]
     table = ok[[c for c in cols if c in ok]].copy()
     for c in table.columns:
         if table[c].dtype.kind == "f":
             table[c] = table[c].map(lambda v: f"{v:.4g}")
-    lines = [f"# {title}", "", _why(ok, metric), "",
+    lines = [f"# {title}", "", _why(ok, metric), "", *([note, ""] if note else []),
              "| rank | " + " | ".join(table.columns) + " |",
              "|---" * (len(table.columns) + 1) + "|"]
     for i, (_, r) in enumerate(table.iterrows(), 1):
@@ -123,7 +125,7 @@ def _why(ok: pd.DataFrame, metric: str) -> str:
 
 def write_results(results: Path, spec, space_file: Path, dataset: Dataset, prepared: Prepared,
                   result_grid: tune.ResultGrid, wall_s: float, log: Callable[[str], None] = print) -> None:
-    df = trial_rows(result_grid, spec.epochs)
+    df = order_trials(trial_rows(result_grid, spec.epochs), spec)  # + `pareto`; pareto mode: front first
     confusion = {r.trial_id: {"classes": list(dataset.classes), "matrix": json.loads(r.best_confusion)}
                  for r in df.itertuples() if isinstance(getattr(r, "best_confusion", None), str)
                  and r.best_confusion}
@@ -131,14 +133,19 @@ def write_results(results: Path, spec, space_file: Path, dataset: Dataset, prepa
     atomic_write_text(results / "confusion.json", json.dumps(confusion, indent=1))
     atomic_write_text(results / "trials.csv", df.to_csv(index=False))
     atomic_write_text(results / "history.csv", epoch_history(result_grid).to_csv(index=False))
+    # which lung mask each image's lung_mass used (space `lung_masks`: data, atlas or pspnet)
+    atomic_write_text(results / "lung_masks.csv", pd.DataFrame(
+        {"id": prepared.ids, "path": prepared.paths, "mask_source": prepared.mask_source}).to_csv(index=False))
     searched = [k for k, v in spec.space.items() if isinstance(v, BaseModel)]
     metric = spec.objective.metric
     atomic_write_text(results / "leaderboard.md",
-                      leaderboard_markdown(df, metric, searched, f"Leaderboard: {results.name}"))
+                      leaderboard_markdown(df, metric, searched, f"Leaderboard: {results.name}",
+                                           note=front_note(df, metric, spec.objective.mode)))
     ok = df[df["status"] == "TERMINATED"]
     if ok.empty:
         raise SweepError(f"every trial failed; first error: {df['error'].iloc[0]} (see {results / 'tune'})")
     best = ok.iloc[0]
+    _write_curves(results, epoch_history(result_grid), best, metric)
     config = {k: _plain(best[k]) for k in spec.space}
     metrics = {k: float(best[f"best_{k}"]) for k in REPORTED if f"best_{k}" in best}
     export_model(results / "best", config, prepared, int(best["best_epoch"]),
@@ -159,6 +166,20 @@ def write_results(results: Path, spec, space_file: Path, dataset: Dataset, prepa
         f"in {wall_s:.0f}s")
     log(_why(ok, metric))
     log(f"results: {results}/trials.csv, leaderboard.md, best/")
+
+
+def _write_curves(results: Path, history: pd.DataFrame, best: pd.Series, metric: str) -> None:
+    """curves.png: the best trial's per-epoch training/validation curves (head and ft stages);
+    every trial's are in history.csv (one row per trial and epoch, `stage` head/ft)."""
+    from search.plots import curves_plot  # matplotlib: only when writing results
+
+    if history.empty or not (history["trial_id"].astype(str) == str(best.trial_id)).any():
+        return
+    data = curves_plot(history, str(best.trial_id), metric, float(best["best_epoch"]))
+    fd, tmp = tempfile.mkstemp(prefix=".curves.png-", dir=results)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, results / "curves.png")
 
 
 def _plain(v: object) -> object:

@@ -201,6 +201,7 @@ def resume_sweep(results: str | Path, *, address: str | None = None,
                  log: Callable[[str], None] = print) -> Path:
     """Continue a stopped or crashed sweep in place: unfinished and errored trials resume from
     their last checkpoints, finished ones are kept as they are, then the results are written."""
+    from search.heldout import check_split, search_split
     from search.space import SweepSpec
     from search.sweep import finish_sweep, make_trainable, prepare, start_ray
     from trainable.data import load_dataset
@@ -218,10 +219,13 @@ def resume_sweep(results: str | Path, *, address: str | None = None,
     if record.get("data_hash") and dataset.content_hash() != record["data_hash"]:
         raise SweepError(f"data at {record['data']} changed since the sweep started "
                          f"(content hash {dataset.content_hash()} != {record['data_hash']}); not resuming")
+    split = search_split(spec, dataset, log)  # the same held-out patients as the run (checked)
+    check_split(results, split)
+    dataset = split.search
     start_ray(address, log)
     prepared = prepare(spec, dataset, log)
     log(f"resuming {path} (unfinished and errored trials continue from their last checkpoints)")
     tuner = tune.Tuner.restore(path, trainable=make_trainable(spec, prepared),
                                resume_unfinished=True, resume_errored=True)
     return finish_sweep(results, spec, Path(record.get("space_file", "")), dataset, prepared, tuner,
-                        t_start=t_start, storage=storage, log=log)
+                        t_start=t_start, storage=storage, log=log, split=split)

@@ -13,6 +13,7 @@ from typing import Callable
 import pandas as pd
 
 from search.evidence import fold_heads, write_montage
+from search.heldout import search_dataset
 from search.results import SweepError, atomic_write_text
 from search.space import SweepSpec
 from trainable.data import load_dataset
@@ -50,6 +51,7 @@ def local_prepared(results: Path, spec: SweepSpec, saved: dict, rows: list[pd.Se
                    log: Callable[[str], None]) -> Prepared:
     """Recompute, in this process, only the features the given trials need."""
     dataset = load_dataset(saved["data"], spec.task, saved.get("data_format", "auto"))
+    dataset = search_dataset(results, spec, dataset)  # never the held-out patients (heldout.json)
     keys = [FeatureKey(r["backbone"] if "backbone" in r else spec.choices("backbone")[0],
                        str(r["weights"]) if "weights" in r else str(spec.choices("weights")[0]),
                        float(r["crop_margin"]) if "crop_margin" in r else float(spec.choices("crop_margin")[0]),

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import tune
 
 from trainable.backbones import available_backbones
+from trainable.camlayer import describe_cam_layers, valid_cam_layers
 from trainable.data import TASKS
 from trainable.errors import CxrtuneError
 from trainable.images import AUGMENT_POLICIES
@@ -89,6 +90,8 @@ class Synthetic(_Strict):
     shortcut: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = 0
     lesion_strength: float = Field(1.0, ge=0.0, le=3.0)
+    confound: Literal["none", "anatomy"] = "none"   # anatomy: adult/child body correlated with the class
+    confound_rate: float = Field(0.85, ge=0.5, le=1.0)
 
 
 class DataSpec(_Strict):
@@ -103,10 +106,25 @@ class DataSpec(_Strict):
 
 
 class Objective(_Strict):
-    mode: Literal["weighted", "constraint"] = "weighted"
+    """`weighted` | `constraint` | `pareto` (search.objective). In `pareto` mode the searcher maximises
+    [metric, lung_mass] (both reported by every trial) and ASHA stops on the weighted score (w)."""
+
+    mode: Literal["weighted", "constraint", "pareto"] = "weighted"
     metric: Literal[METRICS] = "balanced_accuracy"  # type: ignore[valid-type]
     w: float = Field(0.5, ge=0.0)
     lung_floor: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _floor_only_for_constraint(self) -> "Objective":
+        # a floor set in another mode would be silently ignored: say so instead
+        if self.lung_floor > 0 and self.mode != "constraint":
+            raise ValueError(f"lung_floor ({self.lung_floor}) applies to mode 'constraint' only "
+                             f"(mode is {self.mode!r}; pareto keeps lung_mass as its second objective)")
+        return self
+
+    def searcher_objectives(self) -> tuple[list[str], list[str]] | None:
+        """(metrics, modes) for a multi-objective searcher in `pareto` mode; None otherwise."""
+        return ([self.metric, "lung_mass"], ["max", "max"]) if self.mode == "pareto" else None
 
 
 class Asha(_Strict):
@@ -146,8 +164,17 @@ class SweepSpec(_Strict):
     cam_target: str = "true"  # "true" | "predicted" | a class name (checked against the data's classes)
     group_column: str = "source"  # manifest column for group-aware metrics
     min_cell: int = Field(5, ge=1)
+    # Grad-CAM layer for lung/edge mass: "final" (the backbone's last maps, fast path) or a stage
+    # output such as body.blocks.4 (finer grid, full-model path every epoch; trainable.camlayer)
+    cam_layer: str = "final"
     select_within: float = Field(0.02, ge=0.0, le=1.0)  # `selected/`: most lung-focused within this of the best metric
+    # held-out test split: this fraction of patients (stratified, seeded) never reaches the search;
+    # 0 = none, the default so that sweeps saved before the field existed resume unchanged
+    holdout: float = Field(0.0, ge=0.0, lt=1.0)
     max_failures: int = Field(1, ge=0)
+    # lung-mask source: auto (the data's where present, else the atlas) | data | atlas | pspnet
+    # (torchxrayvision's PSPNet, once per sweep, disk-cached; trainable.lung_segment)
+    lung_masks: Literal["auto", "data", "atlas", "pspnet"] = "auto"
     objective: Objective = Objective()
     asha: Asha = Asha()
     resources: Resources = Resources()
@@ -177,11 +204,48 @@ class SweepSpec(_Strict):
             raise ValueError(f"asha.grace_period ({self.asha.grace_period}) must be <= epochs ({self.epochs})")
         return self
 
+    @model_validator(mode="after")
+    def _oversample_needs_views(self) -> "SweepSpec":
+        # the minority's extra copy is another augmentation view of the same image
+        if True in (_values(self.space.get("oversample", False)) or []):
+            augments = _values(self.space.get("augment", TRIAL_DEFAULTS["augment"])) or []
+            if "none" in augments or self.views < 2:
+                raise ValueError(f"space.oversample: true needs augment other than none (got {augments}) "
+                                 f"and views >= 2 (got {self.views}): the extra copy is another augmentation view")
+        return self
+
+    @model_validator(mode="after")
+    def _something_to_search(self) -> "SweepSpec":
+        if self.num_samples > 1 and not self.searched():
+            raise ValueError(f"num_samples is {self.num_samples} but every parameter in `space` is fixed, so "
+                             f"the trials would repeat one configuration; set num_samples: 1 or give a "
+                             f"parameter a choice or a range")
+        return self
+
+    def searched(self) -> list[str]:
+        """The parameters the search draws (a choice or a range); the rest are fixed."""
+        return [k for k, p in self.space.items() if isinstance(p, (Choice, Uniform, LogUniform, RandInt))]
+
+    def total_epochs(self) -> int:
+        """Head epochs plus the largest `ft_epochs` the space can draw: ASHA's max_t."""
+        param = self.space.get("ft_epochs", TRIAL_DEFAULTS["ft_epochs"])
+        values = _values(param)
+        return self.epochs + int(max(values) if values is not None else param.randint[1] - 1)
+
+    @model_validator(mode="after")
+    def _cam_layer_of_every_backbone(self) -> "SweepSpec":
+        for backbone in self.choices("backbone"):
+            if self.cam_layer not in valid_cam_layers(backbone):
+                raise ValueError(f"cam_layer {self.cam_layer!r} is not a layer of backbone {backbone!r}; "
+                                 f"valid: {describe_cam_layers(backbone)}")
+        return self
+
     def settings(self) -> Settings:
         return Settings(folds=self.folds, epochs=self.epochs, seed=self.seed, base_size=self.base_size,
                         input_size=self.input_size, views=self.views, edge_band=self.edge_band,
                         atlas_threshold=self.atlas_threshold, cam_target=self.cam_target,
-                        group_column=self.group_column, min_cell=self.min_cell)
+                        group_column=self.group_column, min_cell=self.min_cell, cam_layer=self.cam_layer,
+                        lung_masks=self.lung_masks)
 
     def choices(self, key: str) -> list[Any]:
         """Every value `key` can take (categorical keys only; the default when not in the space)."""
@@ -202,6 +266,7 @@ def _values(param: Any) -> list[Any] | None:
 
 
 def _check_value(key: str, value: Any) -> None:
+    _check_ft_value(key, value)
     if key == "backbone" and value not in available_backbones():
         raise ValueError(f"unknown backbone {value!r}; known: {available_backbones()}")
     if key == "augment" and value not in AUGMENT_POLICIES:
@@ -216,6 +281,21 @@ def _check_value(key: str, value: Any) -> None:
         raise ValueError(f"{key} must be a number >= 0 (got {value!r})")
     if key == "weights" and not (value in ("imagenet", "random") or Path(str(value)).suffix):
         raise ValueError(f"weights must be 'imagenet', 'random' or a weights file path (got {value!r})")
+
+
+def _check_ft_value(key: str, value: Any) -> None:
+    """The fine-tuning and oversampling keys (trainable.finetune, trainable.oversample)."""
+    if key in ("oversample", "class_weighted") and not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false (got {value!r})")
+    if key in ("ft_epochs", "patience") and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise ValueError(f"{key} must be an integer >= 0 (got {value!r})")
+    if key == "ft_lr" and not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"ft_lr must be a number > 0 (got {value!r})")
+    if key == "ft_blocks" and not (value == "all" or (isinstance(value, int) and not isinstance(value, bool)
+                                                       and value >= 1)):
+        raise ValueError(f"ft_blocks must be 'all' or an integer >= 1 (the last N backbone blocks; got {value!r})")
+    if key == "ft_bn" and value not in ("frozen", "train"):
+        raise ValueError(f"ft_bn must be 'frozen' or 'train' (got {value!r})")
 
 
 def resolve_space_file(space: str | Path) -> Path:
@@ -255,7 +335,7 @@ def _first_error(e: ValidationError) -> str:
         msg = "unknown key (not allowed here)"
     value = best.get("input")
     shown = "" if best["type"] in ("value_error", "missing") else f" (got {value!r})"
-    return f"{loc}: {msg}{shown}"
+    return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"   # model-level rules name their fields
 
 
 def tune_param_space(spec: SweepSpec) -> dict[str, Any]:

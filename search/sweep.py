@@ -13,13 +13,12 @@ from itertools import product
 from pathlib import Path
 from typing import Callable
 
-import optuna
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 
+from search.heldout import score_heldout, search_split, write_split
 from search.objective import make_score
+from search.pareto import search_algorithms
 from search.progress import ProgressLine
 from search.report import cluster_hardware, write_report
 from search.resume import (LiveTrials, SweepInterrupted, graceful_stop, is_uri, mirror_checkpoints,
@@ -32,6 +31,8 @@ from trainable.confounding import confounding_report
 from trainable.data import Dataset, load_dataset
 from trainable.features import FeatureKey
 from trainable.folds import patient_folds
+from trainable.lung_segment import check_lung_masks, pspnet_weights
+from trainable.holdout import Holdout
 from trainable.phantom import synthesize
 from trainable.prepare import Prepared, prepare_sweep
 from trainable.trial import run_trial
@@ -56,7 +57,8 @@ def resolve_data(spec: SweepSpec, data: str | None, results: Path, log: Callable
         syn = spec.data.synthetic or Synthetic()
         t0 = time.perf_counter()
         manifest = synthesize(results / "data", n_patients=syn.n_patients, size=syn.size,
-                              shortcut=syn.shortcut, seed=syn.seed, lesion_strength=syn.lesion_strength)
+                              shortcut=syn.shortcut, seed=syn.seed, lesion_strength=syn.lesion_strength,
+                              confound=syn.confound, confound_rate=syn.confound_rate)
         log(f"generated phantom data set ({syn.n_patients} patients, {syn.size}px, shortcut {syn.shortcut}) "
             f"in {time.perf_counter() - t0:.1f}s → {manifest.parent}")
         return load_dataset(manifest.parent, spec.task)
@@ -69,7 +71,10 @@ def feature_keys(spec: SweepSpec) -> list[FeatureKey]:
 
 
 def check_weights(spec: SweepSpec, log: Callable[[str], None]) -> None:
-    """Fail before any work when a backbone has no weights this machine can load."""
+    """Fail before any work when a backbone (or PSPNet, for `lung_masks: pspnet`) has no weights
+    this machine can load."""
+    if spec.lung_masks == "pspnet":
+        pspnet_weights()  # LungSegmentationError naming the file and the places looked at
     for backbone, weights in product(spec.choices("backbone"), spec.choices("weights")):
         if weights == "random":
             continue
@@ -121,10 +126,16 @@ def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
     if spec.cam_target not in ("true", "predicted", *dataset.classes):
         raise SpaceError(f"cam_target must be 'true', 'predicted' or one of the classes "
                          f"{list(dataset.classes)} (got {spec.cam_target!r})")
+    check_lung_masks(spec.lung_masks, dataset.has_masks, dataset.table["id"].tolist())
+    # held-out patients leave here: folds, trials, best/ and selected/ see only `dataset` (search/heldout.py)
+    full, split = dataset, search_split(spec, dataset, log)
+    dataset = split.search
     # the folds are checked here, before decoding and before Ray starts
     patient_folds(dataset.labels, dataset.patients, dataset.classes, spec.folds, spec.seed)
     log(f"data: {len(dataset)} images, {len(set(dataset.patients))} patients, classes "
         + ", ".join(f"{c}={int((dataset.labels == k).sum())}" for k, c in enumerate(dataset.classes)))
+    for note in dataset.notes:  # e.g. images a task dropped (covid_vs_viral)
+        log(note)
     if spec.group_column in dataset.table:
         for line in confounding_report(dataset, spec.group_column)[0]:
             log(line)
@@ -132,8 +143,9 @@ def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
         {"spec": spec.model_dump(mode="json"), "settings": asdict(spec.settings()),
          "space_file": str(Path(space_file).resolve()), "data": str(dataset.root),
          # what `cxrtune resume` needs to rebuild the trainable and find the experiment
-         "data_format": data_format, "data_hash": dataset.content_hash(), "storage": storage,
+         "data_format": data_format, "data_hash": full.content_hash(), "storage": storage,
          "tune_path": "/".join(tune_location(results, storage))}, indent=2))
+    write_split(results, split)
     if address and address.startswith("ray://") and not is_uri(storage):
         log("warning: with a ray:// address Tune writes its experiment on the cluster; "
             "use --storage s3://… (or a directory every node and this machine share)")
@@ -141,13 +153,14 @@ def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
     prepared = prepare(spec, dataset, log)
     tuner = make_tuner(spec, prepared, results, log, callbacks=trackers, storage=storage)
     return finish_sweep(results, spec, space_file, dataset, prepared, tuner, t_start=t_start,
-                        storage=storage, log=log)
+                        storage=storage, log=log, split=split)
 
 
 def finish_sweep(results: Path, spec: SweepSpec, space_file: Path, dataset: Dataset, prepared: Prepared,
                  tuner: tune.Tuner, *, t_start: float, storage: str | None = None,
-                 log: Callable[[str], None] = print) -> Path:
-    """Fit (a new or a restored Tuner), then write results, the selection and report.html.
+                 log: Callable[[str], None] = print, split: Holdout | None = None) -> Path:
+    """Fit (a new or a restored Tuner), then write results, the selection, the held-out scores of
+    best/ and selected/ (`split`: search.heldout) and report.html.
 
     SIGTERM during the fit stops Tune gracefully and raises SweepInterrupted (resumable)."""
     with graceful_stop() as stop:
@@ -158,6 +171,8 @@ def finish_sweep(results: Path, spec: SweepSpec, space_file: Path, dataset: Data
     write_results(results, spec, space_file, dataset, prepared, result_grid,
                   wall_s=time.time() - t_start, log=log)
     export_selection(results, prepared=prepared, log=log)
+    if split is not None:
+        score_heldout(results, split, spec, log)
     try:
         write_report(results, hardware=cluster_hardware(), log=log)
     except Exception as e:  # noqa: BLE001 - the sweep's results are written; a report can be redone
@@ -188,19 +203,22 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, results: Path,
     `storage`: Tune's experiment goes to STORAGE/<name>/tune (default RESULTS/tune)."""
     storage_path, tune_name = tune_location(results, storage)
     trainable = make_trainable(spec, prepared)
-    searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed))
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.epochs,
-                              grace_period=spec.asha.grace_period,
-                              reduction_factor=spec.asha.reduction_factor)
+    # pareto mode: a multi-objective searcher and ASHA on the weighted score (search/pareto.py)
+    searcher, scheduler, metric, mode = search_algorithms(spec, results)
     return tune.Tuner(
         trainable,
         param_space=tune_param_space(spec),
-        tune_config=tune.TuneConfig(metric="objective", mode="max", search_alg=searcher,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher,
                                     scheduler=scheduler, num_samples=spec.num_samples,
-                                    max_concurrent_trials=spec.max_concurrent or None),
+                                    max_concurrent_trials=spec.max_concurrent or None,
+                                    # a trial's start-up (worker process, imports, torch threads) is
+                                    # most of Tune's per-trial cost; run_trial keeps no state between
+                                    # trials, so one actor serves many (benchmarks/README.md: 61 s → 16 s)
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=tune_name, storage_path=storage_path, verbose=0,
-            callbacks=[ProgressLine(spec.num_samples, spec.epochs, spec.objective.metric, log),
+            # total_epochs: head epochs + the largest ft_epochs (ft epochs are reported like head epochs)
+            callbacks=[ProgressLine(spec.num_samples, spec.total_epochs(), spec.objective.metric, log),
                        LiveTrials(results, spec.epochs),
                        *(tracker_callbacks() if callbacks is None else callbacks)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

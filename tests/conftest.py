@@ -65,6 +65,7 @@ name: tiny
 task: covid_vs_rest
 data: {synthetic: {n_patients: 18, size: 96, shortcut: 0.9, seed: 3}}
 folds: 2
+holdout: 0.2        # 4 patients the search never sees; best/ and selected/ are scored on them
 epochs: 2
 num_samples: 4
 base_size: 96

@@ -23,6 +23,7 @@ name: resumetiny
 task: covid_vs_rest
 data: {synthetic: {n_patients: 12, size: 96, shortcut: 0.9, seed: 3}}
 folds: 2
+holdout: 0.25
 epochs: 3
 num_samples: 3
 base_size: 96
@@ -94,6 +95,7 @@ def test_sigterm_then_resume_finishes_every_trial_once(tmp_path: Path) -> None:
     checkpoints = list((store / "r" / "tune").glob("*/checkpoint_*/state.pt"))
     assert checkpoints and all(torch.load(c, weights_only=False)["epoch"] >= 1 for c in checkpoints)
     assert not list(results.glob(".trials.csv-*")), "a temp file was left behind"
+    heldout_before = (results / "heldout.json").read_bytes()
 
     t_resume = time.time()
     res = subprocess.run([sys.executable, "-m", "search.cli", "resume", str(results)], cwd=ROOT, env=env,
@@ -110,6 +112,11 @@ def test_sigterm_then_resume_finishes_every_trial_once(tmp_path: Path) -> None:
     assert not history.duplicated(["trial_id", "epoch"]).any() and len(history) == 9
     assert json.loads((results / "summary.json").read_text())["trials"] == 3
     assert (results / "best" / "model.pt").is_file()
+    # the resumed sweep kept the held-out split it started with, and scored best/ on it
+    assert (results / "heldout.json").read_bytes() == heldout_before
+    held = json.loads(heldout_before)["patient_ids"]
+    tested = json.loads((results / "test_metrics.json").read_text())
+    assert held and tested["heldout"]["patient_ids"] == held and "best" in tested
     # the report files were copied next to the experiment in --storage (not the generated data)
     assert (store / "r" / "trials.csv").read_bytes() == (results / "trials.csv").read_bytes()
     assert (store / "r" / "best" / "model.pt").is_file() and not (store / "r" / "data").exists()

@@ -47,6 +47,8 @@ def test_good_space_becomes_tune_domains(tmp_path: Path) -> None:
     (GOOD.replace("folds: 2", "folds: 1"), r"folds: Input should be greater than or equal to 2 \(got 1\)"),
     (GOOD + "objective: {metric: accuracyy}\n", r"objective.metric: Input should be"),
     ("space: [unclosed\n", r"not valid YAML"),
+    ("num_samples: 4\nspace: {backbone: efficientnet_lite0, lr: 0.001}\n",
+     r"num_samples is 4 but every parameter in `space` is fixed"),
     ("- a\n- b\n", r"top level must be a mapping"),
 ])
 def test_bad_space_is_named(tmp_path: Path, text: str, message: str) -> None:

@@ -10,6 +10,7 @@ the task's classes, a patient id per image. Pixels are checked later, when they 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,18 @@ TASKS: dict[str, tuple[tuple[str, ...], dict[str, str]] | None] = {
     "covid_vs_rest": (("rest", "covid"), {"covid": "covid", "normal": "rest", "pneumonia": "rest"}),
     "three_class": (("normal", "covid", "pneumonia"),
                     {"normal": "normal", "covid": "covid", "pneumonia": "pneumonia"}),
+    # COVID vs non-COVID viral pneumonia, chosen by the `finding` column (see VIRAL_FINDINGS);
+    # every other image (normal, bacterial, fungal, ARDS, unspecified) is dropped
+    "covid_vs_viral": (("viral", "covid"), {"covid": "covid", "viral": "viral"}),
     "labels": None,
 }
+
+# `finding` values (lower case) that are a non-COVID viral pneumonia: Kermany's `virus` files and the
+# COVID-19 Radiography Database's Viral Pneumonia (adapters: "viral"), ieee8023's viral leaves (SARS-CoV-1,
+# MERS, influenza, varicella, herpes, RSV). COVID is label `covid`, whatever its finding says.
+VIRAL_FINDINGS = frozenset({"viral", "virus", "sars", "mers", "mers-cov", "influenza", "h1n1", "varicella",
+                            "herpes", "rsv"})
+FINDING_TASKS = ("covid_vs_viral",)
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class Dataset:
     labels: np.ndarray           # int64 class index per row
     task: str
     format: str = "manifest"     # the adapter that read it (trainable.adapters.ADAPTERS)
+    notes: tuple[str, ...] = ()  # what loading changed, for the driver's log (images a task dropped)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -76,8 +88,34 @@ def load_dataset(path: str | Path, task: str = "labels", format: str = "auto") -
     table, root, fmt = read_table(path, format)
     table.attrs["format"] = fmt
     table = _resolve_paths(table, root)
+    notes: tuple[str, ...] = ()
+    if task in FINDING_TASKS:
+        table, notes = _by_finding(table, task, root)
     classes, labels = _map_labels(table, task, root)
-    return Dataset(root=root, table=table, classes=classes, labels=labels, task=task, format=fmt)
+    return Dataset(root=root, table=table, classes=classes, labels=labels, task=task, format=fmt, notes=notes)
+
+
+def _by_finding(table: pd.DataFrame, task: str, root: Path) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """covid_vs_viral: label covid → covid, a viral `finding` (VIRAL_FINDINGS) → viral, the rest dropped."""
+    source = table.attrs.get("source_file", str(root))
+    finding = table["finding"].fillna("").astype(str).str.strip().str.lower() if "finding" in table else None
+    if finding is None or not finding.astype(bool).any():
+        raise DataError(f"{source}: task {task!r} needs a `finding` column (viral, sars, …) and the data has "
+                        f"{'none' if finding is None else 'it empty on every row'}")
+    covid = table["label"] == "covid"
+    viral = ~covid & finding.isin(VIRAL_FINDINGS)
+    if not viral.any():
+        raise DataError(f"{source}: task {task!r} found no viral finding (finding one of "
+                        f"{sorted(VIRAL_FINDINGS)}); findings present: {sorted(set(finding) - {''})}")
+    keep = covid | viral
+    out = table[keep].copy()
+    out["label"] = np.where(covid[keep], "covid", "viral")
+    out.attrs = dict(table.attrs)
+    dropped = int((~keep).sum())
+    note = (f"task {task}: kept {int(covid.sum())} covid and {int(viral.sum())} viral-pneumonia images; "
+            f"dropped {dropped} that are neither")
+    logging.getLogger(__name__).info(note)
+    return out.reset_index(drop=True), (note,)
 
 
 def _resolve_paths(table: pd.DataFrame, root: Path) -> pd.DataFrame:

@@ -5,7 +5,9 @@ An export directory holds
   metadata.json  backbone name, weights provenance, classes, preprocessing (base size, crop,
                  input size, mean/std, channels), Grad-CAM target layer (dotted name in the
                  module), the trial config and its cross-validated metrics.
-The head is refit on every image of the sweep for the trial's best number of epochs.
+The head is refit on every image of the sweep for the trial's best number of epochs; when that
+best epoch is a fine-tuning epoch, backbone and head are then fine-tuned on every image for the
+ft epochs the trial's folds kept, and model.pt holds the fine-tuned backbone.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from trainable.features import FeatureSet
 from trainable.head import Classifier, Head, class_weights, train_one_epoch
 from trainable.images import geometry, read_gray, to_model_input
 from trainable.prepare import Prepared
+from trainable.finetune import finetune_all
+from trainable.oversample import oversampled_rows
 from trainable.trial import feature_key, new_fold_state, train_view, with_defaults
 
 
@@ -33,12 +37,27 @@ def refit_head(config: dict, prepared: Prepared, fs: FeatureSet, epochs: int) ->
     pooled = fs.pooled[config["augment"]]
     labels = torch.as_tensor(np.array(prepared.labels))
     st = new_fold_state(config, pooled.shape[-1], len(prepared.classes), prepared.settings.seed)
-    weight = class_weights(prepared.labels, len(prepared.classes)) if config["class_weighted"] else None
+    y = np.asarray(prepared.labels)
+    everything = np.arange(len(y))
     for epoch in range(epochs):
         v = train_view(epoch, len(pooled), prepared.settings.seed, 0)
-        train_one_epoch(st.head, st.optimizer, torch.tensor(pooled[v]), labels,
+        rows, views = (oversampled_rows(everything, y, v, len(pooled), epoch, prepared.settings.seed, 0)
+                       if config["oversample"] else (everything, np.full(len(y), v)))
+        weight = class_weights(y[rows], len(prepared.classes)) if config["class_weighted"] else None
+        train_one_epoch(st.head, st.optimizer, torch.tensor(pooled[views, rows]), labels[rows],
                         int(config["batch_size"]), st.generator, weight)
     return st.head.eval()
+
+
+def ft_epochs_to_refit(config: dict, prepared: Prepared, epochs: int, metrics: dict) -> int:
+    """Fine-tuning epochs of the export: none when the trial's best epoch was a head epoch, else the
+    ft epochs its folds kept (early stopping restores each fold's best; `ft_epochs_kept` is their mean)."""
+    if int(config["ft_epochs"]) <= 0 or epochs <= prepared.settings.epochs:
+        return 0
+    kept = metrics.get("ft_epochs_kept")
+    if kept is None or not np.isfinite(kept):
+        kept = epochs - prepared.settings.epochs
+    return max(1, int(round(float(kept))))
 
 
 def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: int,
@@ -46,9 +65,13 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
     """Refit and write `out_dir` atomically (a temp dir renamed into place)."""
     config = with_defaults(config)
     fs = prepared.feature_set(feature_key(config, prepared))
-    head = refit_head(config, prepared, fs, max(1, epochs))
+    n_ft = ft_epochs_to_refit(config, prepared, epochs, metrics)
+    head = refit_head(config, prepared, fs, max(1, min(epochs, prepared.settings.epochs)))
     backbone = build_backbone(config["backbone"], config["weights"])
-    model = Classifier(backbone.model, head).eval()
+    if n_ft:  # the fine-tuned backbone and head go into model.pt (trainable.finetune)
+        model = finetune_all(config, prepared, fs, head, n_ft)
+    else:
+        model = Classifier(backbone.model, head).eval()
     meta = {
         "format": "cxrtune-model/1",
         "backbone": config["backbone"],
@@ -63,6 +86,8 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
         "edge_band": prepared.settings.edge_band,
         "config": config,
         "epochs": int(epochs),
+        "finetuned": {"ft_epochs": n_ft, "ft_lr": float(config["ft_lr"]), "ft_blocks": config["ft_blocks"],
+                      "ft_bn": config["ft_bn"]} if n_ft else None,
         "cv_metrics": metrics,
         "data_hash": prepared.data_hash,
     }

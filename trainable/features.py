@@ -42,14 +42,22 @@ class FeatureSet:
     extra: dict = field(default_factory=dict)
 
 
-@torch.inference_mode()
 def feature_maps(backbone: Backbone, images: np.ndarray, margin: float, input_size: int,
                  params: np.ndarray | None = None, batch_size: int = 32) -> torch.Tensor:
     """Last feature maps (N, F, h, w) float32 (on the CPU) of uint8 images (N, S, S) through the
     frozen backbone. On a GPU (a task given `gpus_per_trial` > 0 sees one) the forward pass runs
     on CUDA under float16 autocast; otherwise on the CPU in float32."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = backbone.model.eval().to(device=device, memory_format=torch.channels_last)
+    with torch.no_grad():
+        # converted outside inference mode: parameters made there could never take part in
+        # autograd again, and the same backbone may be fine-tuned or explained afterwards
+        model = backbone.model.eval().to(device=device, memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return _forward(model, backbone, images, margin, input_size, params, batch_size, device)
+
+
+def _forward(model: torch.nn.Module, backbone: Backbone, images: np.ndarray, margin: float, input_size: int,
+             params: np.ndarray | None, batch_size: int, device: torch.device) -> torch.Tensor:
     out = []
     for start in range(0, len(images), batch_size):
         sl = slice(start, start + batch_size)

@@ -15,6 +15,14 @@ images carry a burned-in marker. Every image is drawn from parts whose location 
   border band, never on the lungs. With ``shortcut=P`` (0 < P <= 1) a share P of the covid
   images and 1 - P of the other images carry one, so P = 0.5 makes markers independent of
   the class and P = 0.9 makes them a strong covid cue; ``shortcut=0`` means no markers.
+* body (a shortcut inside the chest, ``confound="anatomy"``): each patient is ``adult`` or
+  ``child``-like — a child has a slim trunk: a thin lateral chest wall and narrow shoulders around
+  lungs of the same size (body habitus; it lies between the lungs and the border band, so neither
+  lung nor edge mass flags it, and a centre crop of ~20% removes it). A share ``confound_rate`` of the covid
+  patients are adults and the same share of the others are children, so the minority cells
+  (adult non-covid, child covid) break the correlation; ``confound_rate=0.5`` makes the body
+  independent of the class (a test set). The lesions stay the true signal. The manifest gets a
+  ``body`` column (usable as the sweep's ``group_column``).
 
 The same arguments give byte-identical files: all randomness comes from numpy Generators
 seeded by ``(seed, purpose, index)``.
@@ -49,6 +57,8 @@ KNOWN_CLASSES = ("normal", "covid", "pneumonia")
 MARKER_KINDS = ("letter", "arrow", "text")
 COLUMNS = ("id", "path", "label", "finding", "patient_id", "source", "view", "mask_path",
            "license", "original_name", "marker", "marker_kind")
+CONFOUNDS = ("none", "anatomy")
+BODIES = ("adult", "child")
 BORDER = 0.08                # border band (fraction of the side) that holds every marker
 _LUNG_MARGIN = 0.10          # lungs stay this far from each edge, clear of the border band
 _TEMPLATE_SIZE = 256         # resolution at which the real annotations are read
@@ -94,6 +104,7 @@ class _Patient:
     sides: np.ndarray        # uint8 template crop: 0 outside, 1 image-left lung, 2 image-right lung
     lesion: np.ndarray       # float32, same shape: lesion opacity in [0, 1]
     anatomy: _Anatomy
+    body: str = "adult"
 
 
 # ---------------------------------------------------------------- argument checks
@@ -203,8 +214,14 @@ def _templates(n: int, rng: np.random.Generator) -> list[np.ndarray]:
     return [chosen[i % len(chosen)] for i in range(n)]
 
 
-def _anatomy(rng: np.random.Generator) -> _Anatomy:
+def _anatomy(rng: np.random.Generator, body: str = "adult") -> _Anatomy:
     u = rng.uniform
+    if body == "child":   # a slim trunk: thin chest wall and narrow shoulders around adult-sized lungs
+        return _Anatomy(cx=u(0.48, 0.52), top=u(0.13, 0.17), half_width=u(0.29, 0.34),
+                        height=u(0.56, 0.64), body_pad=u(1.02, 1.07), spine_hw=u(0.035, 0.045),
+                        heart_dx=u(0.04, 0.07), heart_rx=u(0.14, 0.18), heart_ry=u(0.11, 0.14),
+                        rib_spacing=u(0.085, 0.10), rib_curve=u(0.35, 0.5), rib_phase=u(0, 1),
+                        tissue=u(0.50, 0.60), lung_depth=u(0.32, 0.40))
     return _Anatomy(cx=u(0.48, 0.52), top=u(0.13, 0.17), half_width=u(0.29, 0.34),
                     height=u(0.56, 0.64), body_pad=u(1.18, 1.30), spine_hw=u(0.035, 0.045),
                     heart_dx=u(0.04, 0.07), heart_rx=u(0.14, 0.18), heart_ry=u(0.11, 0.14),
@@ -260,25 +277,41 @@ def _consolidation_field(sides: np.ndarray, rng: np.random.Generator) -> np.ndar
     return ndimage.gaussian_filter(field, 0.01 * w) * (sides == side)
 
 
+def _body_plan(labels: list[str], rate: float, seed: int) -> list[str]:
+    """Per patient: ``adult`` for a share ``rate`` of the covid ones, ``child`` for that share of
+    the others (exact counts, seeded choice of who)."""
+    rng = np.random.default_rng([seed, 4])
+    bodies = ["adult"] * len(labels)
+    is_covid = np.array([lab == "covid" for lab in labels])
+    for group, child_share in ((is_covid, 1.0 - rate), (~is_covid, rate)):
+        idx = np.flatnonzero(group)
+        for i in rng.permutation(idx)[:round(child_share * len(idx))]:
+            bodies[i] = "child"
+    return bodies
+
+
 def _patients(n_patients: int, seed: int, images_per_patient: tuple[int, int],
-              classes: Sequence[str]) -> tuple[list[_Patient], np.ndarray]:
-    """Patients with balanced classes (round-robin, seeded shuffle) and their image counts."""
+              classes: Sequence[str], confound_rate: float | None = None
+              ) -> tuple[list[_Patient], np.ndarray]:
+    """Patients with balanced classes (round-robin, seeded shuffle) and their image counts;
+    with ``confound_rate`` their bodies follow `_body_plan`, else every one is an adult."""
     plan = np.random.default_rng([seed, 0])
     labels = [classes[i % len(classes)] for i in range(n_patients)]
     plan.shuffle(labels)
     counts = plan.integers(images_per_patient[0], images_per_patient[1] + 1, size=n_patients)
     templates = _templates(n_patients, plan)
+    bodies = _body_plan(labels, confound_rate, seed) if confound_rate is not None else ["adult"] * n_patients
     width = max(3, len(str(n_patients)))
     patients = []
-    for j, (label, sides) in enumerate(zip(labels, templates)):
+    for j, (label, sides, body) in enumerate(zip(labels, templates, bodies)):
         rng = np.random.default_rng([seed, 1, j])
-        patients.append(_make_patient(f"phantom-p{j + 1:0{width}d}", label, sides, rng))
+        patients.append(_make_patient(f"phantom-p{j + 1:0{width}d}", label, sides, rng, body))
     return patients, counts
 
 
 def _make_patient(patient_id: str, label: str, sides: np.ndarray,
-                  rng: np.random.Generator) -> _Patient:
-    anatomy = _anatomy(rng)   # drawn first: one seed gives the same body whatever the label
+                  rng: np.random.Generator, body: str = "adult") -> _Patient:
+    anatomy = _anatomy(rng, body)   # drawn first: one seed gives the same body whatever the label
     finding = label
     if label == "covid":
         lesion = _ggo_field(sides, rng)
@@ -287,7 +320,7 @@ def _make_patient(patient_id: str, label: str, sides: np.ndarray,
         lesion = _consolidation_field(sides, rng)
     else:
         lesion = np.zeros(sides.shape, np.float32)
-    return _Patient(patient_id, label, finding, sides, lesion.astype(np.float32), anatomy)
+    return _Patient(patient_id, label, finding, sides, lesion.astype(np.float32), anatomy, body)
 
 
 # ---------------------------------------------------------------- rendering
@@ -538,7 +571,7 @@ def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else COLUMNS, lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, path)
@@ -549,7 +582,8 @@ def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
 
 def synthesize(out: Path, n_patients: int = 60, size: int = 256, shortcut: float = 0.0,
                seed: int = 0, images_per_patient: tuple[int, int] = (2, 4),
-               classes: tuple[str, ...] = KNOWN_CLASSES, lesion_strength: float = 1.0) -> Path:
+               classes: tuple[str, ...] = KNOWN_CLASSES, lesion_strength: float = 1.0,
+               confound: str = "none", confound_rate: float = 0.85) -> Path:
     """Write a phantom chest X-ray data set to ``out`` and return its manifest path.
 
     Parameters
@@ -567,6 +601,13 @@ def synthesize(out: Path, n_patients: int = 60, size: int = 256, shortcut: float
     lesion_strength : float
         Multiplies the lesions' brightness (1: default; lower makes the true signal subtler,
         so that a shortcut marker is the easier cue — the setting of the shortcut test).
+    confound : str
+        ``"none"`` or ``"anatomy"``: adult-like vs child-like bodies correlated with the class
+        (see the module doc); adds a ``body`` column to the manifest.
+    confound_rate : float
+        In [0.5, 1] (``confound="anatomy"`` only): share of covid patients that are adults and of
+        the others that are children. 0.85 leaves 15% minority cells; 0.5 makes the body
+        independent of the class (a trait-independent test set).
     seed : int
         >= 0; the same arguments give byte-identical files.
     images_per_patient : (int, int)
@@ -577,10 +618,16 @@ def synthesize(out: Path, n_patients: int = 60, size: int = 256, shortcut: float
     _validate(n_patients, size, shortcut, seed, images_per_patient, classes)
     if not (isinstance(lesion_strength, (int, float)) and 0 <= lesion_strength <= 3):
         raise ValueError(f"lesion_strength={lesion_strength!r}: must be a number in [0, 3]")
+    if confound not in CONFOUNDS:
+        raise ValueError(f"confound={confound!r}: must be one of {CONFOUNDS}")
+    if isinstance(confound_rate, bool) or not isinstance(confound_rate, (int, float)) \
+            or not 0.5 <= confound_rate <= 1.0:
+        raise ValueError(f"confound_rate={confound_rate!r}: must be a number in [0.5, 1]")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    patients, counts = _patients(n_patients, seed, tuple(images_per_patient), tuple(classes))
+    patients, counts = _patients(n_patients, seed, tuple(images_per_patient), tuple(classes),
+                                 float(confound_rate) if confound == "anatomy" else None)
     owners = np.repeat(np.arange(n_patients), counts)
     kinds = _marker_plan([patients[j].label for j in owners], float(shortcut), seed)
     width = max(4, len(str(len(owners))))
@@ -594,7 +641,8 @@ def synthesize(out: Path, n_patients: int = 60, size: int = 256, shortcut: float
                 "finding": p.finding, "patient_id": p.patient_id, "source": "phantom",
                 "view": "PA", "mask_path": f"masks/{image_id}.png",
                 "license": "CC0 (synthetic)", "original_name": "",
-                "marker": str(int(kind is not None)), "marker_kind": kind or ""}
+                "marker": str(int(kind is not None)), "marker_kind": kind or ""} \
+            | ({"body": p.body} if confound == "anatomy" else {})
 
     # each image has its own Generator, so threads (numpy and PNG release the GIL) keep
     # the output byte-identical; map() keeps the rows in id order

@@ -20,6 +20,7 @@ from trainable.errors import DataError
 from trainable.features import FeatureKey, FeatureSet
 from trainable.folds import patient_folds
 from trainable.images import mask_geometry
+from trainable.lung_segment import choose_lung_masks
 from trainable.lungs import lung_atlas
 
 
@@ -38,6 +39,9 @@ class Settings:
     cam_target: str = "true"     # the class Grad-CAM explains: "true", "predicted" or a class name
     group_column: str = "source"  # manifest column for group-aware metrics (source, view, site, …)
     min_cell: int = 5            # (group × class) cells smaller than this are not scored
+    cam_layer: str = "final"     # Grad-CAM layer for lung/edge mass: "final" (fast path) or a stage
+    #                              output (trainable.camlayer: the full model, every epoch)
+    lung_masks: str = "auto"     # lung-mask source: auto (data's, else atlas) | data | atlas | pspnet
     cache_dir: str | None = None  # on-disk cache (trainable.cache): None = $CXRTUNE_CACHE_DIR or
     #                               ~/.cache/cxrtune; "off" = none
 
@@ -53,7 +57,7 @@ class Prepared:
     paths: list[str]
     folds: list[tuple[np.ndarray, np.ndarray]]
     lung_masks: dict[float, np.ndarray]        # crop margin -> bool (N, input, input)
-    mask_source: np.ndarray                    # per image: "data" or "atlas"
+    mask_source: np.ndarray                    # per image: "data", "atlas" or "pspnet"
     groups: np.ndarray                         # per image: its value of settings.group_column
     features: dict[str, object]                # str(FeatureKey) -> ObjectRef[FeatureSet] (or FeatureSet)
     data_hash: str
@@ -99,17 +103,19 @@ def _shared_arrays(dataset: Dataset, settings: Settings, keys: list[FeatureKey],
     root = cache_root(settings.cache_dir)
     decoded = decoded_images(dataset, settings.base_size, root, progress)
     images, masks = decoded.images, decoded.masks
-    has_mask = dataset.has_masks
-    if not has_mask.all():
-        masks[~has_mask] = lung_atlas(settings.base_size, settings.atlas_threshold)
     t_decode = time.perf_counter() - t0
+    # the lung-mask source (settings.lung_masks: auto | data | atlas | pspnet; trainable.lung_segment)
+    ids = dataset.table["id"].tolist()
+    masks, mask_source = choose_lung_masks(
+        settings.lung_masks, images, masks, dataset.has_masks, ids, decoded.digest, root,
+        lambda: lung_atlas(settings.base_size, settings.atlas_threshold), progress)
+    sources = ", ".join(f"{n} {s}" for s, n in zip(*np.unique(mask_source, return_counts=True)))
     progress(f"{'read from the image cache' if decoded.hit else 'decoded'}: {len(images)} images at "
-             f"{settings.base_size}px in {t_decode:.1f}s "
-             f"({int(has_mask.sum())} with their own lung mask, the rest use the atlas)")
+             f"{settings.base_size}px in {t_decode:.1f}s (lung masks {settings.lung_masks}: {sources})")
     lung = {m: mask_geometry(masks, m, settings.input_size) for m in sorted({k.crop_margin for k in keys})}
     fields = dict(settings=settings, classes=dataset.classes, labels=dataset.labels,
-                  ids=dataset.table["id"].tolist(), paths=dataset.table["path"].tolist(), folds=folds,
-                  lung_masks=lung, mask_source=np.where(has_mask, "data", "atlas"),
+                  ids=ids, paths=dataset.table["path"].tolist(), folds=folds,
+                  lung_masks=lung, mask_source=mask_source,
                   groups=_groups(dataset, settings.group_column),
                   data_hash=dataset.content_hash())
     timings = {"decode_s": t_decode, "decode_cache_hit": float(decoded.hit)}

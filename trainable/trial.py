@@ -19,12 +19,14 @@ import torch
 from ray import tune
 from sklearn.metrics import confusion_matrix
 
+from trainable.camlayer import LayerCam, layer_cam_for
 from trainable.explain import explanation_scores
 from trainable.features import FeatureKey, FeatureSet
 from trainable.groups import group_metrics
 from trainable.head import Head, class_weights, predict_proba, train_one_epoch
 from trainable.images import edge_band
 from trainable.metrics import classification_metrics
+from trainable.oversample import oversampled_rows
 from trainable.prepare import Prepared
 
 # search-space keys a trial understands, with their defaults
@@ -39,6 +41,13 @@ TRIAL_DEFAULTS: dict[str, object] = {
     "augment": "none",
     "crop_margin": 0.0,
     "class_weighted": True,
+    "oversample": False,      # minority class twice per epoch, the copy augmented (trainable.oversample)
+    # fine-tuning stage after the head epochs (trainable.finetune); ft_epochs 0 = none
+    "ft_epochs": 0,
+    "ft_lr": 1e-5,
+    "ft_blocks": "all",       # "all" or N: the last N blocks of the backbone train (finetune.backbone_blocks)
+    "ft_bn": "frozen",        # "frozen": BatchNorm in eval mode, affine frozen; "train": updated
+    "patience": 0,            # ft early stopping on per-fold validation loss; 0 = off (best epoch still restored)
 }
 
 ScoreFn = Callable[[dict[str, float]], float]
@@ -88,7 +97,7 @@ def cam_targets(target: str, labels: np.ndarray, probs: np.ndarray, classes: tup
 
 
 def run_epoch(states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,
-              epoch: int) -> dict:
+              epoch: int, cam: LayerCam | None = None) -> dict:
     """Train every fold once, validate, score Grad-CAM.
 
     Returns the CV means of the per-fold metrics, per-class lung/edge mass and the confusion
@@ -105,23 +114,46 @@ def run_epoch(states: list[FoldState], config: dict, prepared: Prepared, fs: Fea
     oof_lung, oof_edge = np.zeros(len(y)), np.zeros(len(y))
     for k, ((tr, va), st) in enumerate(zip(prepared.folds, states)):
         v = train_view(epoch, len(pooled), s.seed, k)
-        weight = class_weights(y[tr], len(prepared.classes)) if config["class_weighted"] else None
-        train_loss = train_one_epoch(st.head, st.optimizer, torch.from_numpy(pooled[v][tr]), labels[tr],
+        # oversample: the minority's rows again, from another cached view (trainable.oversample)
+        rows, views = oversampled_rows(tr, y, v, len(pooled), epoch, s.seed, k) if config["oversample"] \
+            else (tr, np.full(len(tr), v))
+        weight = class_weights(y[rows], len(prepared.classes)) if config["class_weighted"] else None
+        train_loss = train_one_epoch(st.head, st.optimizer, torch.from_numpy(pooled[views, rows]), labels[rows],
                                      int(config["batch_size"]), st.generator, weight)
         probs = predict_proba(st.head, torch.from_numpy(pooled[0][va]))
-        m = classification_metrics(y[va], probs, len(prepared.classes))
         targets = cam_targets(s.cam_target, y[va], probs, prepared.classes)
-        lung_mass, edge_mass = explanation_scores(st.head, torch.from_numpy(fs.maps[va]), targets,
-                                                  lung[va], edge)
+        if cam is None:   # exact Grad-CAM from the cached last maps (fast path)
+            lung_mass, edge_mass = explanation_scores(st.head, torch.from_numpy(fs.maps[va]), targets,
+                                                      lung[va], edge)
+        else:   # settings.cam_layer: the full model at a higher-resolution layer (trainable.camlayer)
+            lung_mass, edge_mass = cam.masses(st.head, prepared.image_array()[va], targets, lung[va], edge)
         oof_probs[va], oof_lung[va], oof_edge[va] = probs, lung_mass, edge_mass
-        fold_groups = group_metrics(y[va], probs, prepared.groups[va], prepared.classes, s.min_cell)
-        m.update(worst_group_accuracy=fold_groups["worst_group_accuracy"],
-                 within_group_auc=fold_groups["within_group_auc"])
-        m.update(train_loss=train_loss, lung_mass=float(lung_mass.mean()),
-                 edge_mass=float(edge_mass.mean()),
-                 lung_enrichment=float(lung_mass.mean() / max(lung[va].mean(), 1e-9)))
+        m = fold_metrics(prepared, va, probs, lung_mass, edge_mass, lung[va], train_loss)
         for name, value in m.items():
             per_fold.setdefault(name, []).append(value)
+    return summarise_folds(prepared, per_fold, oof_probs, oof_lung, oof_edge)
+
+
+def fold_metrics(prepared: Prepared, va: np.ndarray, probs: np.ndarray, lung_mass: np.ndarray,
+                 edge_mass: np.ndarray, lung_va: np.ndarray, train_loss: float) -> dict[str, float]:
+    """One fold's validation metrics, group metrics and Grad-CAM masses (head and fine-tune stage)."""
+    s = prepared.settings
+    y = np.asarray(prepared.labels)
+    m = classification_metrics(y[va], probs, len(prepared.classes))
+    fold_groups = group_metrics(y[va], probs, prepared.groups[va], prepared.classes, s.min_cell)
+    m.update(worst_group_accuracy=fold_groups["worst_group_accuracy"],
+             within_group_auc=fold_groups["within_group_auc"])
+    m.update(train_loss=train_loss, lung_mass=float(lung_mass.mean()),
+             edge_mass=float(edge_mass.mean()),
+             lung_enrichment=float(lung_mass.mean() / max(lung_va.mean(), 1e-9)))
+    return m
+
+
+def summarise_folds(prepared: Prepared, per_fold: dict[str, list[float]], oof_probs: np.ndarray,
+                    oof_lung: np.ndarray, oof_edge: np.ndarray) -> dict:
+    """CV means of the per-fold metrics plus the pooled out-of-fold ones (see `run_epoch`)."""
+    s = prepared.settings
+    y = np.asarray(prepared.labels)
     out: dict = {name: float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
                  for name, values in per_fold.items()}
     # per (group × class) recall on all out-of-fold predictions: cells are too small per fold
@@ -169,6 +201,8 @@ def run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
     n_classes = len(prepared.classes)
     states = [new_fold_state(config, fs.maps.shape[1], n_classes, prepared.settings.seed + k)
               for k in range(len(prepared.folds))]
+    cam = layer_cam_for(config["backbone"], config["weights"], prepared.settings.cam_layer,
+                        float(config["crop_margin"]), prepared.settings.input_size)
     start_epoch, history = 0, []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -179,14 +213,19 @@ def run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
     for epoch in range(start_epoch, prepared.settings.epochs):
         if delay_s > 0:
             time.sleep(delay_s)
-        metrics = run_epoch(states, config, prepared, fs, epoch)
+        metrics = run_epoch(states, config, prepared, fs, epoch, cam)
         metrics["objective"] = float(score(metrics))
         metrics["epoch"] = epoch + 1
+        metrics["stage"] = "head"
         history.append({k: v for k, v in metrics.items() if not k.startswith("fold_") and k != "confusion"})
         info = {"node_id": node, "restored_from_epoch": start_epoch,  # > 0: resumed from a checkpoint
                 "weights_source": fs.weights_info.get("source", ""),
                 "weights_sha256": fs.weights_info.get("sha256") or "",
-                "cam_grid": "x".join(map(str, fs.maps.shape[2:]))}
+                "cam_grid": "x".join(map(str, cam.grid if cam else fs.maps.shape[2:]))}
         with tempfile.TemporaryDirectory(prefix="cxrtune-ckpt-") as d:
             tune.report(metrics | info, checkpoint=_save(d, states, epoch + 1, history))
+    if int(config["ft_epochs"]) > 0:
+        from trainable.finetune import run_finetune  # imported here: finetune builds on this module
+
+        run_finetune(states, config, prepared, fs, score, history, checkpoint, start_epoch)
 
