@@ -35,7 +35,7 @@ def test_oversampling_needs_augmentation_views(tmp_path: Path) -> None:
     space.write_text("views: 1\nspace: {augment: light, oversample: true}\n")
     with pytest.raises(SpaceError, match="views >= 2"):
         load_space(space)
-    space.write_text("space: {augment: light, oversample: true, class_weighted: true}\n")
+    space.write_text("num_samples: 1\nspace: {augment: light, oversample: true, class_weighted: true}\n")
     assert load_space(space).space["oversample"] is True
 
 
