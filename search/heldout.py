@@ -92,10 +92,20 @@ def score_heldout(results: Path, split: Holdout, spec: SweepSpec, log: Callable[
     if split.heldout is None:
         return None
     out = {"heldout": {k: v for k, v in split.record().items() if k != "image_ids"}}
+    scored: dict[str, dict] = {}  # one result per exported model: selected/ is often best/'s trial
     for role, name in ROLES:
-        if (results / role / "metadata.json").is_file():
-            log(f"scoring {role}/ on the held-out patients")
-            out[role] = score_model(results / role, split, spec, log)
+        meta_path = results / role / "metadata.json"
+        if not meta_path.is_file():
+            continue
+        meta = json.loads(meta_path.read_text())
+        trial_id = meta.get("cv_metrics", {}).get("trial_id")
+        same = json.dumps([trial_id, meta.get("epochs"), meta.get("finetuned")], default=str)
+        if trial_id is not None and same in scored:
+            log(f"{role}/ is the model of trial {trial_id}, already scored on the held-out patients")
+            out[role] = scored[same]
+            continue
+        log(f"scoring {role}/ on the held-out patients")
+        out[role] = scored[same] = score_model(results / role, split, spec, log)
     atomic_write_text(results / "test_metrics.json", json.dumps(json_safe(out), indent=1, allow_nan=False))
     board = results / "leaderboard.md"
     if board.is_file():

@@ -251,6 +251,13 @@ def build_backbone(name: str, weights: str = "imagenet", *, allow_download: bool
     )
 
 
+@functools.lru_cache(maxsize=2)
+def shared_backbone(name: str, weights: str) -> Backbone:
+    """One build per worker process: a reused Tune actor runs many trials, and each fold or LayerCam
+    of a trial needs the same weights. Shared: use it read-only, or `copy.deepcopy` it to train."""
+    return build_backbone(name, weights)
+
+
 def describe_backbones(check_offline: bool = True) -> list[dict[str, Any]]:
     """One row per accepted name: source, timm name, parameter count and feature shape
     (built on the meta device: no memory, no weights), target layer, input size, whether

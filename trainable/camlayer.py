@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainable.backbones import Backbone, _random_feature_maps, build_backbone, get_spec
+from trainable.backbones import Backbone, _random_feature_maps, get_spec, shared_backbone
 from trainable.explain import normalise_and_resize, region_masses
 from trainable.head import Classifier
 from trainable.images import geometry, to_model_input
@@ -121,14 +121,8 @@ class LayerCam:
         return np.concatenate(lung), np.concatenate(edge_m)
 
 
-@functools.lru_cache(maxsize=2)
-def _backbone(name: str, weights: str) -> Backbone:
-    # a reused Tune actor runs many trials: build each backbone once per worker process
-    return build_backbone(name, weights)
-
-
 def layer_cam_for(backbone: str, weights: str, layer: str, margin: float, input_size: int) -> LayerCam | None:
     """The trial's LayerCam, or None for `final` (the fast path from cached maps)."""
     if layer == FINAL:
         return None
-    return LayerCam(_backbone(backbone, weights), layer, margin, input_size)
+    return LayerCam(shared_backbone(backbone, weights), layer, margin, input_size)

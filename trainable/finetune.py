@@ -46,8 +46,8 @@ import torch
 from ray import tune
 from torch import nn
 
-from trainable.backbones import build_backbone
-from trainable.camlayer import FINAL, LayerCam, _backbone
+from trainable.backbones import build_backbone, shared_backbone
+from trainable.camlayer import FINAL, LayerCam
 from trainable.explain import explanation_scores
 from trainable.features import FeatureSet
 from trainable.head import Classifier, Head, class_weights
@@ -62,6 +62,8 @@ FT_BN_POLICIES = ("frozen", "train")
 def _device() -> torch.device:
     """CUDA when the trial was given a GPU (`gpus_per_trial`), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 _BN = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm and timm's BatchNormAct2d
 
 
@@ -175,8 +177,8 @@ class FtFold:
 
 def new_ft_fold(config: dict, fs: FeatureSet, head: Head, seed: int, cam_layer: str = FINAL,
                 input_size: int = 0) -> FtFold:
-    # a copy of the process's one build (camlayer's cache): K folds don't each read the weights again
-    backbone = copy.deepcopy(_backbone(config["backbone"], config["weights"]))
+    # a copy of the process's one build: K folds don't each read the weights again
+    backbone = copy.deepcopy(shared_backbone(config["backbone"], config["weights"]))
     # a non-final cam_layer is explained on the model being fine-tuned (same modules), as in the head stage
     cam = None if cam_layer == FINAL else LayerCam(backbone, cam_layer, float(config["crop_margin"]), input_size)
     model = Classifier(backbone.model, copy.deepcopy(head))
