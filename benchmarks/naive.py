@@ -32,24 +32,27 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from trainable.backbones import Backbone, build_backbone
 from trainable.explain import region_masses
-from trainable.features import FeatureKey, FeatureSet, feature_maps
+from trainable.features import FeatureKey, FeatureSet, feature_maps, inference_batch_size, inference_model
 from trainable.head import Classifier
 from trainable.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
 from trainable.prepare import Prepared
-from trainable.trial import (FoldState, _save, feature_key, new_fold_state, run_epoch, train_view,
+from trainable.trial import (FoldState, _save, cached_scoring, feature_key, new_fold_state, run_epoch, train_view,
                              with_defaults)
 
 Epochs = Iterator[tuple[dict, list[FoldState]]]
 
 
 def epoch_features(backbone: Backbone, images: np.ndarray, key: FeatureKey, policy: str, n_views: int,
-                   prepared: Prepared, epoch: int) -> tuple[FeatureSet, int, float]:
+                   prepared: Prepared, epoch: int, model: torch.nn.Module | None = None
+                   ) -> tuple[FeatureSet, int, float]:
     """What one naive trial-epoch computes: per fold, the backbone over its training images at the
     fold's view for this epoch and over its validation images at view 0.
 
     Returns a FeatureSet holding exactly the entries `run_epoch` reads (float32 maps, not fp16),
-    the number of images through the backbone and the seconds spent in it.
+    the number of images through the backbone and the seconds spent in it. `model`: the
+    `inference_model` the trial built once (cxrtune's feature pass, BatchNorm folded on a CPU).
     """
+    model = model or inference_model(backbone, key.input_size)
     s = prepared.settings
     n = len(images)
     pooled = np.zeros((n_views, n, backbone.num_features), np.float32)
@@ -58,9 +61,9 @@ def epoch_features(backbone: Backbone, images: np.ndarray, key: FeatureKey, poli
     for k, (tr, va) in enumerate(prepared.folds):
         v = train_view(epoch, n_views, s.seed, k)
         params = view_params(AUGMENT_POLICIES[policy], n, s.seed, v)[tr] if v else None
-        train_maps = feature_maps(backbone, images[tr], key.crop_margin, key.input_size, params)
+        train_maps = feature_maps(backbone, images[tr], key.crop_margin, key.input_size, params, model=model)
         pooled[v, tr] = train_maps.mean(dim=(2, 3)).numpy()
-        val_maps = feature_maps(backbone, images[va], key.crop_margin, key.input_size)
+        val_maps = feature_maps(backbone, images[va], key.crop_margin, key.input_size, model=model)
         if maps is None:
             maps = np.zeros((n, *val_maps.shape[1:]), np.float32)
         maps[va] = val_maps.numpy()
@@ -75,8 +78,9 @@ def epoch_features(backbone: Backbone, images: np.ndarray, key: FeatureKey, poli
 class LibraryCam:
     """Lung / edge mass of pytorch-grad-cam's GradCAM on the full model, for `run_epoch(cam=…)`."""
 
-    def __init__(self, backbone: Backbone, key: FeatureKey, batch_size: int = 32) -> None:
-        self.backbone, self.key, self.batch_size = backbone, key, batch_size
+    def __init__(self, backbone: Backbone, key: FeatureKey, batch_size: int | None = None) -> None:
+        # the batch size cxrtune's own backbone passes use (a plain trainable would pass its own)
+        self.backbone, self.key, self.batch_size = backbone, key, batch_size or inference_batch_size()
         self.layer = backbone.model.get_submodule(backbone.target_layer)
         self.images = 0  # validation images explained (each a forward and a backward pass)
 
@@ -120,8 +124,10 @@ def naive_epochs(config: dict, prepared: Prepared, images: np.ndarray | None = N
     n_views = 1 if config["augment"] == "none" else prepared.settings.views
     states = [new_fold_state(config, backbone.num_features, len(prepared.classes), prepared.settings.seed + k)
               for k in range(len(prepared.folds))]
+    model = inference_model(backbone, key.input_size)  # once per trial, as cxrtune's feature task does
     for epoch in range(prepared.settings.epochs):
-        fs, count, seconds = epoch_features(backbone, images, key, config["augment"], n_views, prepared, epoch)
+        fs, count, seconds = epoch_features(backbone, images, key, config["augment"], n_views, prepared, epoch,
+                                            model)
         t0 = time.perf_counter()
         metrics = run_epoch(states, config, prepared, fs, epoch, library)
         yield metrics | {"epoch": epoch + 1, "backbone_images": count, "backbone_s": seconds,
@@ -134,8 +140,9 @@ def cached_epochs(config: dict, prepared: Prepared) -> Epochs:
     fs = prepared.feature_set(feature_key(config, prepared))
     states = [new_fold_state(config, fs.maps.shape[1], len(prepared.classes), prepared.settings.seed + k)
               for k in range(len(prepared.folds))]
+    scoring = cached_scoring(config, prepared, fs)
     for epoch in range(prepared.settings.epochs):
-        yield run_epoch(states, config, prepared, fs, epoch) | {"epoch": epoch + 1}, states
+        yield run_epoch(states, config, prepared, fs, epoch, scoring=scoring) | {"epoch": epoch + 1}, states
 
 
 def run_naive_trial(config: dict, prepared: Prepared, score: Callable[[dict], float],

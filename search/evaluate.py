@@ -30,6 +30,7 @@ from trainable.data import TASKS, Dataset, load_dataset
 from trainable.errors import DataError
 from trainable.explain import explanation_scores
 from trainable.export import load_model
+from trainable.features import inference_batch_size
 from trainable.images import decode_images, edge_band, geometry, mask_geometry, to_model_input
 from trainable.lungs import lung_atlas
 
@@ -49,17 +50,18 @@ def match_labels(dataset: Dataset, classes: list[str], source: str) -> dict[str,
                     f"classes {classes}: every label must be one of them{via}")
 
 
-def evaluate(model_dir: str | Path, data: str | Path, format: str = "auto", batch_size: int = 32,
+def evaluate(model_dir: str | Path, data: str | Path, format: str = "auto", batch_size: int | None = None,
              log: Callable[[str], None] = lambda m: None) -> dict:
     """Metrics, per-class precision/recall/F1, confusion matrix and Grad-CAM lung/edge mass, overall,
     per source and per image (`per_image`: id, label, predicted, probabilities, masses)."""
     return evaluate_dataset(model_dir, load_dataset(data, "labels", format), str(data), batch_size, log)
 
 
-def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_size: int = 32,
+def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_size: int | None = None,
                      log: Callable[[str], None] = lambda m: None) -> dict:
     """`evaluate` on a loaded data set (e.g. a sweep's held-out patients, `search.heldout`);
-    `data` names it in messages and in the result."""
+    `data` names it in messages and in the result. `batch_size`: default `inference_batch_size()`."""
+    batch_size = batch_size or inference_batch_size()
     model, meta = load_model(model_dir)
     classes = [str(c) for c in meta["classes"]]
     mapping = match_labels(dataset, classes, str(data))

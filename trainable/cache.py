@@ -305,12 +305,12 @@ class FeatureStore:
         return {"key": asdict(key), "weights_sha256": weights_sha256, "device": device,
                 "views": {p: (1 if p == "none" else int(n)) for p, n in sorted(views.items())},
                 "seed": int(seed), "images": self.images_digest,
-                "code": code_fingerprint(("trainable.features", "trainable.images", "trainable.backbones",
-                                          "trainable.weights"), ("torch", "timm", "numpy"))}
+                "code": code_fingerprint(("trainable.features", "trainable.fold_bn", "trainable.images",
+                                          "trainable.backbones", "trainable.weights"), ("torch", "timm", "numpy"))}
 
 
 def cached_features(images: np.ndarray | None, key, views: dict[str, int], seed: int,
-                    store: FeatureStore | None, log: Callable[[str], None] = print, batch_size: int = 32,
+                    store: FeatureStore | None, log: Callable[[str], None] = print, batch_size: int | None = None,
                     compute: bool = True):
     """`trainable.features.compute_features`, read from / written to the feature cache.
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from trainable.backbones import Backbone, _random_feature_maps, get_spec, shared_backbone
+from trainable.features import inference_batch_size
 from trainable.explain import normalise_and_resize, region_masses
 from trainable.head import Classifier
 from trainable.images import geometry, to_model_input
@@ -80,10 +81,11 @@ class LayerCam:
     """Grad-CAM lung / edge mass of a trial's heads at `layer` of its (frozen) backbone."""
 
     def __init__(self, backbone: Backbone, layer: str, margin: float, input_size: int,
-                 batch_size: int = 32) -> None:
+                 batch_size: int | None = None) -> None:
         self.backbone, self.layer_name = backbone, layer
         self.layer = backbone.model.get_submodule(layer)
-        self.margin, self.input_size, self.batch_size = margin, input_size, batch_size
+        self.margin, self.input_size = margin, input_size
+        self.batch_size = batch_size or inference_batch_size(next(backbone.model.parameters()).device)
         with torch.no_grad():
             grid = self._grid()
         self.grid = grid

@@ -8,15 +8,30 @@ pytorch-grad-cam does (min-max per image, bilinear resize to the input), so both
 """
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 
-def gradcam_from_maps(head: torch.nn.Module, maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Raw Grad-CAM (N, h, w) = ReLU(Σ_k alpha_k A^k) for class `targets[n]` of each image."""
+def edge_band(size: int, band: float) -> np.ndarray:
+    """Bool (size, size): pixels within `band` × size of any border of the model's input."""
+    width = max(1, int(math.ceil(size * band))) if band > 0 else 0
+    m = np.zeros((size, size), bool)
+    if width:
+        m[:width, :] = m[-width:, :] = m[:, :width] = m[:, -width:] = True
+    return m
+
+
+def gradcam_from_maps(head: torch.nn.Module, maps: torch.Tensor, targets: torch.Tensor,
+                      pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw Grad-CAM (N, h, w) = ReLU(Σ_k alpha_k A^k) for class `targets[n]` of each image.
+
+    `pooled`: the maps' spatial means when the caller has them already (the feature cache does)."""
     maps = maps.float()
-    pooled = maps.mean(dim=(2, 3)).detach().requires_grad_(True)
+    pooled = (maps.mean(dim=(2, 3)) if pooled is None else pooled.float()).detach().requires_grad_(True)
     was_training = head.training
     head.eval()
     with torch.enable_grad():
@@ -58,56 +73,84 @@ def region_masses(cams: np.ndarray | torch.Tensor, lung_masks: np.ndarray, edge:
     return lung.numpy(), edge_mass.numpy()
 
 
+@lru_cache(maxsize=16)
 def bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
     """(n_out, n_in): `F.interpolate(mode="bilinear", align_corners=False)` along one axis, as a matrix."""
     eye = torch.eye(n_in).view(1, 1, n_in, n_in)
     return F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]
 
 
-def _extreme_rows(b: torch.Tensor) -> torch.Tensor:
-    """Rows of an interpolation matrix that hold the extremes of every interpolated map.
+@lru_cache(maxsize=16)
+def _extreme_rows(n_in: int, n_out: int) -> torch.Tensor:
+    """Rows of the interpolation matrix that hold the extremes of every interpolated map.
 
     Between two grid lines the interpolant is linear in the row's weight, so over a run of rows that
     mix the same two grid rows its min and max lie on the run's first or last row."""
-    support = [tuple(torch.nonzero(row).flatten().tolist()) for row in b]
+    support = [tuple(torch.nonzero(row).flatten().tolist()) for row in bilinear_matrix(n_in, n_out)]
     keep = [i for i in range(len(support))
             if i == 0 or i == len(support) - 1 or support[i] != support[i - 1] or support[i] != support[i + 1]]
     return torch.tensor(keep)
 
 
-def explanation_scores(head: torch.nn.Module, maps: torch.Tensor, targets: torch.Tensor,
-                       lung_masks: np.ndarray, edge: np.ndarray, batch_size: int = 256
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image (lung_mass, edge_mass) of the Grad-CAM for `targets`, batched to bound memory.
+class GridScorer:
+    """Lung / edge mass of Grad-CAMs on an h×w grid, for a fixed set of images' lung masks.
 
     The same numbers as `region_masses(normalise_and_resize(cam, S), …)`, without building the S×S
     maps: resizing is linear (up = B·c·Bᵀ), so a mask's sum over the resized map is the h×w map
     weighted by Bᵀ·mask·B, and the min and max that the second min-max needs lie on a few rows and
     columns of it (`_extreme_rows`). At 224 px and a 7×7 grid that is ~20× less work per image
-    (tests/test_region_masses.py checks both ways agree).
+    (tests/test_region_masses.py checks both ways agree). The per-image mask weights are computed
+    once here, so a trial that scores the same images every epoch pays for them once.
     """
-    size = lung_masks.shape[-1]
-    h, w = maps.shape[2], maps.shape[3]
-    bh, bw = bilinear_matrix(h, size), bilinear_matrix(w, size)
-    rh, rw = _extreme_rows(bh), _extreme_rows(bw)
-    edge_t = torch.from_numpy(np.asarray(edge, np.float32))
-    edge_w = bh.T @ edge_t @ bw  # (h, w)
-    ones_w = torch.outer(bh.sum(0), bw.sum(0))  # Bᵀ·1·B: weights of the whole resized map
-    lung, edge_m = [], []
-    for s in range(0, len(maps), batch_size):
-        cam = _min_max(gradcam_from_maps(head, maps[s:s + batch_size], targets[s:s + batch_size])).detach()
-        sub = bh[rh] @ cam @ bw[rw].T  # the resized maps' rows and columns that hold their extremes
-        lo = sub.flatten(1).min(1).values
-        span = 1e-7 + (sub.flatten(1).max(1).values - lo)
-        m = torch.from_numpy(np.asarray(lung_masks[s:s + batch_size], np.float32))
-        lung_w = bh.T @ m @ bw  # (n, h, w)
-        # Σ over a region of the twice-normalised map = (Σ region·up − lo·area) / span
-        total = ((cam * ones_w).flatten(1).sum(1) - lo * size * size) / span
-        in_lung = ((cam * lung_w).flatten(1).sum(1) - lo * m.flatten(1).sum(1)) / span
-        in_edge = ((cam * edge_w).flatten(1).sum(1) - lo * edge_t.sum()) / span
-        flat = total <= 0  # no positive evidence: counts as uniform, as in region_masses
-        lm = torch.where(flat, m.flatten(1).mean(1), in_lung / total.clamp_min(1e-30))
-        em = torch.where(flat, edge_t.mean().expand_as(total), in_edge / total.clamp_min(1e-30))
-        lung.append(lm.numpy())
-        edge_m.append(em.numpy())
-    return np.concatenate(lung), np.concatenate(edge_m)
+
+    def __init__(self, lung_masks: np.ndarray, edge: np.ndarray, h: int, w: int, batch_size: int = 256) -> None:
+        size = lung_masks.shape[-1]
+        self.size, self.batch_size = size, batch_size
+        self.bh, self.bw = bilinear_matrix(h, size), bilinear_matrix(w, size)
+        self.rh, self.rw = _extreme_rows(h, size), _extreme_rows(w, size)
+        edge_t = torch.from_numpy(np.asarray(edge, np.float32))
+        self.edge_w = self.bh.T @ edge_t @ self.bw  # (h, w)
+        self.edge_area, self.edge_share = edge_t.sum(), edge_t.mean()
+        self.ones_w = torch.outer(self.bh.sum(0), self.bw.sum(0))  # Bᵀ·1·B: weights of the whole resized map
+        lung_w, area = [], []
+        for s in range(0, len(lung_masks), batch_size):
+            m = torch.from_numpy(np.asarray(lung_masks[s:s + batch_size], np.float32))
+            lung_w.append(self.bh.T @ m @ self.bw)  # (n, h, w)
+            area.append(m.flatten(1).sum(1))
+        self.lung_w = torch.cat(lung_w) if lung_w else torch.zeros(0, h, w)
+        self.lung_area = torch.cat(area) if area else torch.zeros(0)
+        self.lung_share = self.lung_area.double().numpy() / (size * size)  # per image: the masks' cover
+
+    def scores(self, head: torch.nn.Module, maps: torch.Tensor, targets: torch.Tensor,
+               rows: np.ndarray | None = None, pooled: torch.Tensor | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-image (lung_mass, edge_mass) of the Grad-CAM for `targets`; `maps[i]` is image
+        `rows[i]` of the masks given to the constructor (all of them, in order, when None)."""
+        rows_t = torch.arange(len(maps)) if rows is None else torch.as_tensor(rows)
+        lung, edge_m = [], []
+        for s in range(0, len(maps), self.batch_size):
+            sl = slice(s, s + self.batch_size)
+            cam = _min_max(gradcam_from_maps(head, maps[sl], targets[sl],
+                                             None if pooled is None else pooled[sl])).detach()
+            sub = self.bh[self.rh] @ cam @ self.bw[self.rw].T  # the resized maps' rows and columns that hold their extremes
+            lo = sub.flatten(1).min(1).values
+            span = 1e-7 + (sub.flatten(1).max(1).values - lo)
+            lung_w, area = self.lung_w[rows_t[sl]], self.lung_area[rows_t[sl]]
+            # Σ over a region of the twice-normalised map = (Σ region·up − lo·area) / span
+            total = ((cam * self.ones_w).flatten(1).sum(1) - lo * self.size * self.size) / span
+            in_lung = ((cam * lung_w).flatten(1).sum(1) - lo * area) / span
+            in_edge = ((cam * self.edge_w).flatten(1).sum(1) - lo * self.edge_area) / span
+            flat = total <= 0  # no positive evidence: counts as uniform, as in region_masses
+            lm = torch.where(flat, area / (self.size * self.size), in_lung / total.clamp_min(1e-30))
+            em = torch.where(flat, self.edge_share.expand_as(total), in_edge / total.clamp_min(1e-30))
+            lung.append(lm.numpy())
+            edge_m.append(em.numpy())
+        return np.concatenate(lung), np.concatenate(edge_m)
+
+
+def explanation_scores(head: torch.nn.Module, maps: torch.Tensor, targets: torch.Tensor,
+                       lung_masks: np.ndarray, edge: np.ndarray, batch_size: int = 256
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image (lung_mass, edge_mass) of the Grad-CAM for `targets` (`GridScorer`, built for
+    these images' masks)."""
+    return GridScorer(lung_masks, edge, maps.shape[2], maps.shape[3], batch_size).scores(head, maps, targets)

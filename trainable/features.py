@@ -7,51 +7,56 @@ head on the pooled vectors and scores Grad-CAM exactly from the view-0 maps (`tr
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from trainable.backbones import Backbone, build_backbone
+from trainable.featureset import FeatureKey, FeatureSet
+from trainable.fold_bn import fold_batchnorm
 from trainable.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
 
 
-@dataclass(frozen=True)
-class FeatureKey:
-    backbone: str
-    weights: str
-    crop_margin: float
-    input_size: int
+def inference_batch_size(device: torch.device | str | None = None) -> int:
+    """Images per backbone pass when the batch size is not a hyperparameter (features, Grad-CAM
+    through the full model, predictions). On a CPU a few images at a time keep a layer's
+    activations in the core's caches: EfficientNet-Lite0/1 at 224 px on one thread run ~1.8× faster
+    at 4 than at 32, forward (features) and forward + backward (Grad-CAM) alike
+    (benchmarks/README.md). A GPU wants large batches."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return 64 if torch.device(device).type == "cuda" else 4
 
-    def __str__(self) -> str:
-        return f"{self.backbone}|{self.weights}|crop={self.crop_margin:g}|{self.input_size}px"
 
-
-@dataclass
-class FeatureSet:
-    """Features of every image for one FeatureKey."""
-
-    key: FeatureKey
-    maps: np.ndarray                          # float16 (N, F, h, w): view 0, unaugmented
-    pooled: dict[str, np.ndarray]             # policy -> float32 (V, N, F); [0] is view 0 for every policy
-    preprocessing: dict
-    target_layer: str
-    weights_info: dict
-    seconds: float = 0.0
-    images_through_backbone: int = 0
-    extra: dict = field(default_factory=dict)
+def inference_model(backbone: Backbone, input_size: int, device: torch.device | None = None) -> torch.nn.Module:
+    """The backbone's model for the feature pass: eval mode, channels_last, on `device` (default:
+    CUDA when there is one), and on a CPU a copy with BatchNorm folded into the convolutions
+    (`trainable.fold_bn`: the same maps to ~1e-5, 1.3–1.5× faster). `backbone.model` itself is
+    left as it is: it may be fine-tuned or explained afterwards."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.no_grad():
+        # converted outside inference mode: parameters made there could never take part in
+        # autograd again
+        model = backbone.model.eval().to(device=device, memory_format=torch.channels_last)
+    if device.type != "cpu":
+        return model
+    example = torch.randn(2, backbone.preprocessing.in_chans, input_size, input_size,
+                          generator=torch.Generator().manual_seed(0))
+    return fold_batchnorm(model, example.contiguous(memory_format=torch.channels_last))[0]
 
 
 def feature_maps(backbone: Backbone, images: np.ndarray, margin: float, input_size: int,
-                 params: np.ndarray | None = None, batch_size: int = 32) -> torch.Tensor:
+                 params: np.ndarray | None = None, batch_size: int | None = None,
+                 model: torch.nn.Module | None = None) -> torch.Tensor:
     """Last feature maps (N, F, h, w) float32 (on the CPU) of uint8 images (N, S, S) through the
     frozen backbone. On a GPU (a task given `gpus_per_trial` > 0 sees one) the forward pass runs
-    on CUDA under float16 autocast; otherwise on the CPU in float32."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with torch.no_grad():
-        # converted outside inference mode: parameters made there could never take part in
-        # autograd again, and the same backbone may be fine-tuned or explained afterwards
-        model = backbone.model.eval().to(device=device, memory_format=torch.channels_last)
+    on CUDA under float16 autocast; otherwise on the CPU in float32. `batch_size`: default
+    `inference_batch_size()`; `model`: `inference_model(backbone, input_size)`, built here when the
+    caller does not keep one across calls."""
+    model = model or inference_model(backbone, input_size)
+    device = next(model.parameters()).device
+    batch_size = batch_size or inference_batch_size(device)
     with torch.inference_mode():
         return _forward(model, backbone, images, margin, input_size, params, batch_size, device)
 
@@ -70,11 +75,12 @@ def _forward(model: torch.nn.Module, backbone: Backbone, images: np.ndarray, mar
 
 
 def compute_features(images: np.ndarray, key: FeatureKey, views: dict[str, int], seed: int,
-                     batch_size: int = 32) -> FeatureSet:
+                     batch_size: int | None = None) -> FeatureSet:
     """View-0 maps plus pooled vectors of `views[policy]` views for each augmentation policy."""
     start = time.perf_counter()
     backbone = build_backbone(key.backbone, key.weights)
-    maps = feature_maps(backbone, images, key.crop_margin, key.input_size, batch_size=batch_size)
+    model = inference_model(backbone, key.input_size)
+    maps = feature_maps(backbone, images, key.crop_margin, key.input_size, batch_size=batch_size, model=model)
     pooled0 = maps.mean(dim=(2, 3)).numpy()
     n_images = len(images)
     pooled: dict[str, np.ndarray] = {}
@@ -83,7 +89,7 @@ def compute_features(images: np.ndarray, key: FeatureKey, views: dict[str, int],
         for v in range(1, n_views if policy != "none" else 1):
             params = view_params(AUGMENT_POLICIES[policy], len(images), seed, v)
             stack.append(feature_maps(backbone, images, key.crop_margin, key.input_size, params,
-                                      batch_size).mean(dim=(2, 3)).numpy())
+                                      batch_size, model).mean(dim=(2, 3)).numpy())
             n_images += len(images)
         pooled[policy] = np.stack(stack)
     pre = backbone.preprocessing

@@ -49,7 +49,7 @@ from torch import nn
 from trainable.backbones import build_backbone, shared_backbone
 from trainable.camlayer import FINAL, LayerCam
 from trainable.explain import explanation_scores
-from trainable.features import FeatureSet
+from trainable.features import FeatureSet, inference_batch_size
 from trainable.head import Classifier, Head, class_weights
 from trainable.images import AUGMENT_POLICIES, edge_band, geometry, to_model_input, view_params
 from trainable.oversample import oversampled_indices
@@ -221,10 +221,11 @@ def train_ft_epoch(model: Classifier, optimizer: torch.optim.Optimizer, generato
 
 @torch.no_grad()
 def predict_with_maps(model: Classifier, images: np.ndarray, pre: dict, margin: float, input_size: int,
-                      batch_size: int = 32) -> tuple[np.ndarray, torch.Tensor]:
+                      batch_size: int | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """(probabilities, target-layer maps) of unaugmented images: one forward serves both."""
     model.eval()
     dev = next(model.parameters()).device
+    batch_size = batch_size or inference_batch_size(dev)
     probs, maps = [], []
     for s in range(0, len(images), batch_size):
         m = model.backbone(model_input(images[s:s + batch_size], pre, margin, input_size).to(dev)).float()
@@ -257,7 +258,7 @@ def _validate(ff: FtFold, k: int, images: np.ndarray, prepared: Prepared, fs: Fe
         lung_mass, edge_mass = explanation_scores(head, maps, targets, lung,
                                                   edge_band(s.input_size, s.edge_band))
     return {"va": va, "probs": probs, "lung_mass": lung_mass, "edge_mass": edge_mass,
-            "metrics": fold_metrics(prepared, va, probs, lung_mass, edge_mass, lung, train_loss)}
+            "metrics": fold_metrics(prepared, va, probs, lung_mass, edge_mass, float(lung.mean()), train_loss)}
 
 
 def _summarise(prepared: Prepared, results: list[dict]) -> dict:

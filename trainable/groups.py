@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from trainable.metrics import auc
 
 
 def _slug(text: str) -> str:
@@ -36,9 +36,6 @@ def group_metrics(y: np.ndarray, probs: np.ndarray, groups: np.ndarray, classes:
     for g in sorted(set(groups.tolist())):
         in_g = groups == g
         if len(np.unique(y[in_g])) == len(classes) and in_g.sum() >= min_cell:
-            if len(classes) == 2:
-                aucs.append(roc_auc_score(y[in_g], probs[in_g, 1]))
-            else:
-                aucs.append(roc_auc_score(y[in_g], probs[in_g], multi_class="ovr", labels=list(range(len(classes)))))
+            aucs.append(auc(y[in_g], probs[in_g], len(classes)))
     out["within_group_auc"] = float(np.mean(aucs)) if aucs else float("nan")
     return out

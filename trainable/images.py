@@ -7,7 +7,6 @@ Geometry (the same for an image and its lung mask):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 from trainable.data import Dataset
 from trainable.dicom import is_dicom, open_dicom
 from trainable.errors import DataError
+from trainable.explain import edge_band  # noqa: F401 - the border band of a model input, defined beside its use
 
 
 @dataclass(frozen=True)
@@ -164,10 +164,3 @@ def mask_geometry(masks: np.ndarray, margin: float, input_size: int) -> np.ndarr
     return (crop_resize(x, margin, input_size)[:, 0] >= 0.5).numpy()
 
 
-def edge_band(size: int, band: float) -> np.ndarray:
-    """Bool (size, size): pixels within `band` × size of any border of the model's input."""
-    width = max(1, int(math.ceil(size * band))) if band > 0 else 0
-    m = np.zeros((size, size), bool)
-    if width:
-        m[:width, :] = m[-width:, :] = m[:, :width] = m[:, -width:] = True
-    return m

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -17,60 +16,12 @@ import ray
 from trainable.cache import FeatureStore, cache_root, cached_features, decoded_images
 from trainable.data import Dataset
 from trainable.errors import DataError
-from trainable.features import FeatureKey, FeatureSet
+from trainable.featureset import FeatureKey, FeatureSet
 from trainable.folds import patient_folds
 from trainable.images import mask_geometry
 from trainable.lung_segment import choose_lung_masks
 from trainable.lungs import lung_atlas
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Sweep-wide constants (not searched): every trial of a sweep uses the same ones."""
-
-    folds: int = 3
-    epochs: int = 6
-    seed: int = 0
-    base_size: int = 256
-    input_size: int = 224
-    views: int = 4               # cached augmentation views per image (view 0 = unaugmented)
-    edge_band: float = 0.08      # border band width, fraction of each side of the model input
-    atlas_threshold: float = 0.5
-    cam_target: str = "true"     # the class Grad-CAM explains: "true", "predicted" or a class name
-    group_column: str = "source"  # manifest column for group-aware metrics (source, view, site, …)
-    min_cell: int = 5            # (group × class) cells smaller than this are not scored
-    cam_layer: str = "final"     # Grad-CAM layer for lung/edge mass: "final" (fast path) or a stage
-    #                              output (trainable.camlayer: the full model, every epoch)
-    lung_masks: str = "auto"     # lung-mask source: auto (data's, else atlas) | data | atlas | pspnet
-    cache_dir: str | None = None  # on-disk cache (trainable.cache): None = $CXRTUNE_CACHE_DIR or
-    #                               ~/.cache/cxrtune; "off" = none
-
-
-@dataclass
-class Prepared:
-    """Everything a trial needs besides its config; shipped to trials through the object store."""
-
-    settings: Settings
-    classes: tuple[str, ...]
-    labels: np.ndarray
-    ids: list[str]
-    paths: list[str]
-    folds: list[tuple[np.ndarray, np.ndarray]]
-    lung_masks: dict[float, np.ndarray]        # crop margin -> bool (N, input, input)
-    mask_source: np.ndarray                    # per image: "data", "atlas" or "pspnet"
-    groups: np.ndarray                         # per image: its value of settings.group_column
-    features: dict[str, object]                # str(FeatureKey) -> ObjectRef[FeatureSet] (or FeatureSet)
-    data_hash: str
-    timings: dict[str, float] = field(default_factory=dict)
-    images: object = None                      # ObjectRef[uint8 (N, S, S)] (or the array): for the full path
-
-    def feature_set(self, key: FeatureKey) -> FeatureSet:
-        value = self.features[str(key)]
-        return ray.get(value) if isinstance(value, ray.ObjectRef) else value
-
-    def image_array(self) -> np.ndarray:
-        """The decoded images, read-only and zero-copy from the object store (trials that run a backbone)."""
-        return ray.get(self.images) if isinstance(self.images, ray.ObjectRef) else self.images
+from trainable.shared import Prepared, Settings  # noqa: F401 - Settings: part of this module's API
 
 
 def _feature_task(images: np.ndarray, key: FeatureKey, views: dict[str, int], seed: int,

@@ -12,22 +12,25 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 import torch
 from ray import tune
-from sklearn.metrics import confusion_matrix
 
-from trainable.camlayer import LayerCam, layer_cam_for
-from trainable.explain import explanation_scores
-from trainable.features import FeatureKey, FeatureSet
+# a trial process imports only what the head stage needs (torch, numpy, ray): timm, torchvision,
+# scikit-learn and scipy added ~3 s to the start of every trial actor
+from trainable.explain import GridScorer, edge_band
+from trainable.featureset import FeatureKey, FeatureSet
 from trainable.groups import group_metrics
 from trainable.head import Head, class_weights, predict_proba, train_one_epoch
-from trainable.images import edge_band
-from trainable.metrics import classification_metrics
+from trainable.metrics import classification_metrics, confusion
 from trainable.oversample import oversampled_rows
-from trainable.prepare import Prepared
+from trainable.shared import Prepared
+
+if TYPE_CHECKING:
+    from trainable.camlayer import LayerCam
 
 # search-space keys a trial understands, with their defaults
 TRIAL_DEFAULTS: dict[str, object] = {
@@ -75,9 +78,38 @@ class FoldState:
 def new_fold_state(config: dict, n_features: int, n_classes: int, seed: int) -> FoldState:
     torch.manual_seed(seed)
     head = Head(n_features, int(config["hidden"]), n_classes, float(config["dropout"]))
+    # fused: one kernel per step instead of a dozen passes over the weights (a quarter of a
+    # head-stage epoch on CPU); the same updates to float rounding
     opt = torch.optim.Adam(head.parameters(), lr=float(config["lr"]),
-                           weight_decay=float(config["weight_decay"]))
+                           weight_decay=float(config["weight_decay"]), fused=True)
     return FoldState(head, opt, torch.Generator().manual_seed(seed))
+
+
+# view-0 maps are converted to float32 once per trial up to this size; larger sets (many images,
+# big grids) convert each validation batch every epoch instead, to bound a trial's memory
+FLOAT32_MAPS_MAX_BYTES = 512 * 2**20
+
+
+@dataclass
+class CachedScoring:
+    """What the fast path's Grad-CAM scoring reads every epoch, built once per trial: the view-0
+    maps (float32 when they fit FLOAT32_MAPS_MAX_BYTES: the cache holds float16, and converting
+    them every epoch cost a tenth of an epoch), their pooled vectors, and the lung/edge weights
+    of every image on the map grid."""
+
+    maps: torch.Tensor
+    pooled: torch.Tensor
+    scorer: GridScorer
+
+
+def cached_scoring(config: dict, prepared: Prepared, fs: FeatureSet) -> CachedScoring:
+    maps = torch.from_numpy(fs.maps)
+    if fs.maps.size * 4 <= FLOAT32_MAPS_MAX_BYTES:
+        maps = maps.float()
+    s = prepared.settings
+    lung = prepared.lung_masks[float(config["crop_margin"])]
+    return CachedScoring(maps, torch.from_numpy(fs.pooled[config["augment"]][0]),
+                         GridScorer(lung, edge_band(s.input_size, s.edge_band), *fs.maps.shape[2:]))
 
 
 def train_view(epoch: int, n_views: int, seed: int, fold: int) -> int:
@@ -97,8 +129,9 @@ def cam_targets(target: str, labels: np.ndarray, probs: np.ndarray, classes: tup
 
 
 def run_epoch(states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,
-              epoch: int, cam: LayerCam | None = None) -> dict:
-    """Train every fold once, validate, score Grad-CAM.
+              epoch: int, cam: LayerCam | None = None, scoring: CachedScoring | None = None) -> dict:
+    """Train every fold once, validate, score Grad-CAM (with `cam`, or from the cached maps:
+    `scoring`, built here when the caller does not keep one across epochs).
 
     Returns the CV means of the per-fold metrics, per-class lung/edge mass and the confusion
     matrix over all out-of-fold predictions, and per-fold lists (`fold_*`).
@@ -109,6 +142,9 @@ def run_epoch(states: list[FoldState], config: dict, prepared: Prepared, fs: Fea
     labels = torch.as_tensor(y)
     lung = prepared.lung_masks[float(config["crop_margin"])]
     edge = edge_band(s.input_size, s.edge_band)
+    if cam is None and scoring is None:
+        scoring = cached_scoring(config, prepared, fs)
+    lung_share = lung.mean(axis=(1, 2)) if scoring is None else scoring.scorer.lung_share  # per image
     per_fold: dict[str, list[float]] = {}
     oof_probs = np.zeros((len(y), len(prepared.classes)))
     oof_lung, oof_edge = np.zeros(len(y)), np.zeros(len(y))
@@ -123,20 +159,23 @@ def run_epoch(states: list[FoldState], config: dict, prepared: Prepared, fs: Fea
         probs = predict_proba(st.head, torch.from_numpy(pooled[0][va]))
         targets = cam_targets(s.cam_target, y[va], probs, prepared.classes)
         if cam is None:   # exact Grad-CAM from the cached last maps (fast path)
-            lung_mass, edge_mass = explanation_scores(st.head, torch.from_numpy(fs.maps[va]), targets,
-                                                      lung[va], edge)
+            lung_mass, edge_mass = scoring.scorer.scores(st.head, scoring.maps[va], targets, va,
+                                                         scoring.pooled[va])
         else:   # settings.cam_layer: the full model at a higher-resolution layer (trainable.camlayer)
             lung_mass, edge_mass = cam.masses(st.head, prepared.image_array()[va], targets, lung[va], edge)
         oof_probs[va], oof_lung[va], oof_edge[va] = probs, lung_mass, edge_mass
-        m = fold_metrics(prepared, va, probs, lung_mass, edge_mass, lung[va], train_loss)
+        m = fold_metrics(prepared, va, probs, lung_mass, edge_mass, float(lung_share[va].mean()), train_loss)
         for name, value in m.items():
             per_fold.setdefault(name, []).append(value)
     return summarise_folds(prepared, per_fold, oof_probs, oof_lung, oof_edge)
 
 
 def fold_metrics(prepared: Prepared, va: np.ndarray, probs: np.ndarray, lung_mass: np.ndarray,
-                 edge_mass: np.ndarray, lung_va: np.ndarray, train_loss: float) -> dict[str, float]:
-    """One fold's validation metrics, group metrics and Grad-CAM masses (head and fine-tune stage)."""
+                 edge_mass: np.ndarray, lung_share: float, train_loss: float) -> dict[str, float]:
+    """One fold's validation metrics, group metrics and Grad-CAM masses (head and fine-tune stage).
+
+    `lung_share`: the mean fraction of the validation images the lung masks cover (lung_enrichment
+    is lung_mass over it)."""
     s = prepared.settings
     y = np.asarray(prepared.labels)
     m = classification_metrics(y[va], probs, len(prepared.classes))
@@ -145,7 +184,7 @@ def fold_metrics(prepared: Prepared, va: np.ndarray, probs: np.ndarray, lung_mas
              within_group_auc=fold_groups["within_group_auc"])
     m.update(train_loss=train_loss, lung_mass=float(lung_mass.mean()),
              edge_mass=float(edge_mass.mean()),
-             lung_enrichment=float(lung_mass.mean() / max(lung_va.mean(), 1e-9)))
+             lung_enrichment=float(lung_mass.mean() / max(lung_share, 1e-9)))
     return m
 
 
@@ -168,8 +207,7 @@ def summarise_folds(prepared: Prepared, per_fold: dict[str, list[float]], oof_pr
     for c, name in enumerate(prepared.classes):
         out[f"lung_mass_{name}"] = float(oof_lung[y == c].mean())
         out[f"edge_mass_{name}"] = float(oof_edge[y == c].mean())
-    out["confusion"] = json.dumps(confusion_matrix(y, oof_probs.argmax(1),
-                                                   labels=list(range(len(prepared.classes)))).tolist())
+    out["confusion"] = json.dumps(confusion(y, oof_probs.argmax(1), len(prepared.classes)).tolist())
     return out | {f"fold_{name}": values for name, values in per_fold.items()
                   if name in ("balanced_accuracy", "lung_mass", "worst_group_accuracy")}
 
@@ -201,6 +239,8 @@ def run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
     n_classes = len(prepared.classes)
     states = [new_fold_state(config, fs.maps.shape[1], n_classes, prepared.settings.seed + k)
               for k in range(len(prepared.folds))]
+    from trainable.camlayer import layer_cam_for  # builds backbones: imported only by a trial that runs one
+
     cam = layer_cam_for(config["backbone"], config["weights"], prepared.settings.cam_layer,
                         float(config["crop_margin"]), prepared.settings.input_size)
     start_epoch, history = 0, []
@@ -210,10 +250,11 @@ def run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
     node = ray.get_runtime_context().get_node_id()
     # fault-tolerance drills (tests, docs/cluster.md): slow every epoch down so a worker can be killed mid-trial
     delay_s = float(os.environ.get("CXRTUNE_EPOCH_DELAY_S", "0") or 0)
+    scoring = cached_scoring(config, prepared, fs) if cam is None else None
     for epoch in range(start_epoch, prepared.settings.epochs):
         if delay_s > 0:
             time.sleep(delay_s)
-        metrics = run_epoch(states, config, prepared, fs, epoch, cam)
+        metrics = run_epoch(states, config, prepared, fs, epoch, cam, scoring)
         metrics["objective"] = float(score(metrics))
         metrics["epoch"] = epoch + 1
         metrics["stage"] = "head"
