@@ -1,7 +1,7 @@
 """Grad-CAM lung/edge scoring speed: the per-epoch grid path vs the full-resolution path.
 
 Every trial scores the Grad-CAM of every validation image in every epoch
-(`trainable.explain.explanation_scores`). This times it against building the S×S maps
+(`trainable.cam.explain.explanation_scores`). This times it against building the S×S maps
 (`normalise_and_resize` + `region_masses`, what `cxrtune explain` and the montages do) on the
 same random feature maps, on one thread (what a 1-CPU trial gets), and checks they agree::
 
@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from trainable.explain import explanation_scores, gradcam_from_maps, normalise_and_resize, region_masses  # noqa: E402
-from trainable.head import Head  # noqa: E402
-from trainable.images import edge_band  # noqa: E402
+from trainable.cam.explain import explanation_scores, gradcam_from_maps, normalise_and_resize, region_masses  # noqa: E402
+from trainable.models.head import Head  # noqa: E402
+from trainable.cam.explain import edge_band  # noqa: E402
 
 
 def full_resolution(head, maps, targets, lung, edge, batch_size: int = 256):

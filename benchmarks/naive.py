@@ -30,11 +30,11 @@ from ray import tune
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from trainable.backbones import Backbone, build_backbone
-from trainable.explain import region_masses
-from trainable.features import FeatureKey, FeatureSet, feature_maps, inference_batch_size, inference_model
-from trainable.head import Classifier
-from trainable.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
+from trainable.models.backbones import Backbone, build_backbone
+from trainable.cam.explain import region_masses
+from trainable.models.features import FeatureKey, FeatureSet, feature_maps, inference_batch_size, inference_model
+from trainable.models.head import Classifier
+from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
 from trainable.prepare import Prepared
 from trainable.trial import (FoldState, _save, cached_scoring, feature_key, new_fold_state, run_epoch, train_view,
                              with_defaults)

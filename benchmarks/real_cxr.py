@@ -110,9 +110,9 @@ def task_summary(results: Path, spec, wall_s: float, dest: Path) -> dict:
     """Export the metric-best model too, score it on the held-out patients, and collect the rows."""
     import pandas as pd
 
-    from search.heldout import score_model, search_split
-    from search.select import local_prepared, metric_best, trial_config
-    from trainable.data import load_dataset
+    from search.outputs.heldout import score_model, search_split
+    from search.outputs.select import local_prepared, metric_best, trial_config
+    from trainable.data.dataset import load_dataset
     from trainable.export import export_model
 
     trials = pd.read_csv(results / "trials.csv", dtype={"trial_id": str})
@@ -207,8 +207,8 @@ def _copy_files(results: Path, dest: Path, test: dict, metric_best_held: dict | 
 
 def _plots(results: Path, trials, history, metric: str, roles: dict, dest: Path) -> None:
     """Metric vs lung mass of every trial (Pareto front, roles marked), the ASHA view, learning curves."""
-    from search import plots
-    from search.report import asha_rungs, pareto_front
+    from search.report import plots
+    from search.report.html import asha_rungs, pareto_front
 
     spec = json.loads((results / "space.json").read_text())["spec"]
     ok = trials[trials["status"] == "TERMINATED"].dropna(subset=[f"best_{metric}", "best_lung_mass"])

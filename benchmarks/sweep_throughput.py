@@ -3,7 +3,7 @@
 The same space, data, trial configs and seeds, back to back in one invocation:
 
 * ``lower bound`` — in this process, no Ray: one backbone pass over the unique (backbone, crop,
-  view) set (`trainable.features.compute_features`), plus the head training and Grad-CAM of every
+  view) set (`trainable.models.features.compute_features`), plus the head training and Grad-CAM of every
   trial (`trainable.trial.run_epoch`), each job timed alone on the threads a trial gets, the sum
   divided by the number of jobs that run at once (perfect packing of exactly the necessary work).
 * ``cxrtune`` — the real thing, cold: `trainable.prepare.prepare_sweep` (decode + image cache,
@@ -58,9 +58,9 @@ import benchmarks.naive as naive  # noqa: E402
 from search.objective import make_score  # noqa: E402
 from search.space import Choice, LogUniform, RandInt, SweepSpec, Uniform, load_space  # noqa: E402
 from trainable.cache import directory_size  # noqa: E402
-from trainable.data import Dataset, load_dataset  # noqa: E402
-from trainable.features import FeatureKey  # noqa: E402
-from trainable.phantom import synthesize  # noqa: E402
+from trainable.data.dataset import Dataset, load_dataset  # noqa: E402
+from trainable.models.features import FeatureKey  # noqa: E402
+from trainable.data.phantom import synthesize  # noqa: E402
 from trainable.prepare import Prepared, Settings, prepare_local, prepare_sweep  # noqa: E402
 from trainable.trial import run_trial, with_defaults  # noqa: E402
 

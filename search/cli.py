@@ -62,7 +62,7 @@ def report(
     out: Optional[Path] = typer.Option(None, help="Output file (default: RESULTS/report.html)."),
 ) -> None:
     """Write report.html: one self-contained page with summary, leaderboard, plots and Grad-CAM montages."""
-    from search.report import write_report
+    from search.report.html import write_report
 
     write_report(results, out=out, log=lambda m: console.print(m, markup=False, highlight=False))
 
@@ -79,7 +79,7 @@ def data_synth(
     confound_rate: float = typer.Option(0.85, help="With --confound anatomy: share of covid patients that are adults and of the others that are children, in [0.5, 1]; 0.5 = body independent of the class (a test set)."),
 ) -> None:
     """Generate deterministic phantom chest X-rays with true lung masks and optional shortcut markers."""
-    from trainable.phantom import synthesize
+    from trainable.data.phantom import synthesize
 
     if out.exists() and (out / "manifest.csv").exists():
         raise _user_error(f"{out} already holds a data set (manifest.csv); choose another --out")
@@ -98,15 +98,15 @@ def select(
     metric: Optional[str] = typer.Option(None, help="Metric column (default: the space's objective metric)."),
 ) -> None:
     """Export the most lung-focused trial whose metric is within Δ of the best to RESULTS/selected/."""
-    from search.select import export_selection
+    from search.outputs.select import export_selection
 
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
     export_selection(results, within=within, metric=metric, log=log)
-    from search.heldout import rescore_heldout
+    from search.outputs.heldout import rescore_heldout
 
     rescore_heldout(results, log)  # selected/ changed: its held-out scores follow
     if (results / "report.html").is_file():  # the report shows the selection: keep it in step
-        from search.report import write_report
+        from search.report.html import write_report
 
         write_report(results, log=log)
 
@@ -120,7 +120,7 @@ def explain(
     mask: Optional[list[Path]] = typer.Option(None, help="Lung mask per image (default: the lung atlas)."),
 ) -> None:
     """Grad-CAM of an exported model on images: overlay PNG, CAM .npy and a JSON line each."""
-    from search.explain_images import explain_images
+    from search.outputs.explain_images import explain_images
 
     for line in explain_images(model, images, out, target=target, masks=mask):
         print(json.dumps(line))
@@ -129,7 +129,7 @@ def explain(
 @app.command()
 def backbones(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List the backbone registry: source, parameters, Grad-CAM layer, offline weights here."""
-    from trainable.backbones import describe_backbones
+    from trainable.models.backbones import describe_backbones
 
     rows = describe_backbones(check_offline=True)
     if as_json:
@@ -149,7 +149,7 @@ def data_check(
     group_by: str = typer.Option("source", "--group-by", help="Column for the confounding report (source, view, sex, site, age_band, any manifest column)."),
 ) -> None:
     """Counts, patients, masks, sizes, duplicates, confounding and unreadable files; exit 2 when not usable."""
-    from trainable.datacheck import check_data
+    from trainable.data.datacheck import check_data
 
     result = check_data(path, format=data_format, group_by=group_by)
     print("\n".join(result.lines))
@@ -165,8 +165,8 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Also write the results as JSON to this file."),
 ) -> None:
     """Score an exported model on a data set: accuracy, balanced accuracy, AUC, per-class P/R/F1, confusion matrix, lung_mass, edge_mass."""
-    from search.evaluate import evaluate as evaluate_model
-    from search.evaluate import report_lines, write_json
+    from search.outputs.evaluate import evaluate as evaluate_model
+    from search.outputs.evaluate import report_lines, write_json
 
     if not data.exists():
         raise _user_error(f"data path {data} does not exist")
@@ -186,7 +186,7 @@ def resume(
 ) -> None:
     """Continue a stopped sweep: unfinished and errored trials resume from their last checkpoints."""
     _private_local_ray(address)
-    from search.resume import resume_sweep
+    from search.durable import resume_sweep
 
     with _resumable():
         resume_sweep(results, address=address, log=lambda m: console.print(m, markup=False, highlight=False))
@@ -308,7 +308,7 @@ def _private_local_ray(address: Optional[str]) -> None:
 @contextmanager
 def _resumable():
     """A sweep stopped by SIGTERM exits with code 143 and says how to resume it."""
-    from search.resume import SweepInterrupted
+    from search.durable import SweepInterrupted
 
     try:
         yield
@@ -330,9 +330,9 @@ def _user_error(message: str) -> _UserError:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from trainable.backbones import UnknownBackboneError
+    from trainable.models.backbones import UnknownBackboneError
     from trainable.errors import CxrtuneError
-    from trainable.weights import WeightsNotFoundError
+    from trainable.models.weights import WeightsNotFoundError
 
     return (_UserError, CxrtuneError, UnknownBackboneError, WeightsNotFoundError, FileNotFoundError)
 

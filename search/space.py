@@ -24,11 +24,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import tune
 
-from trainable.backbones import available_backbones
-from trainable.camlayer import describe_cam_layers, valid_cam_layers
-from trainable.data import TASKS
+from trainable.models.backbones import available_backbones
+from trainable.cam.camlayer import describe_cam_layers, valid_cam_layers
+from trainable.data.dataset import TASKS
 from trainable.errors import CxrtuneError
-from trainable.images import AUGMENT_POLICIES
+from trainable.data.images import AUGMENT_POLICIES
 from trainable.prepare import Settings
 from trainable.trial import TRIAL_DEFAULTS
 
@@ -165,7 +165,7 @@ class SweepSpec(_Strict):
     group_column: str = "source"  # manifest column for group-aware metrics
     min_cell: int = Field(5, ge=1)
     # Grad-CAM layer for lung/edge mass: "final" (the backbone's last maps, fast path) or a stage
-    # output such as body.blocks.4 (finer grid, full-model path every epoch; trainable.camlayer)
+    # output such as body.blocks.4 (finer grid, full-model path every epoch; trainable.cam.camlayer)
     cam_layer: str = "final"
     select_within: float = Field(0.02, ge=0.0, le=1.0)  # `selected/`: most lung-focused within this of the best metric
     # held-out test split: this fraction of patients (stratified, seeded) never reaches the search;
@@ -173,7 +173,7 @@ class SweepSpec(_Strict):
     holdout: float = Field(0.0, ge=0.0, lt=1.0)
     max_failures: int = Field(1, ge=0)
     # lung-mask source: auto (the data's where present, else the atlas) | data | atlas | pspnet
-    # (torchxrayvision's PSPNet, once per sweep, disk-cached; trainable.lung_segment)
+    # (torchxrayvision's PSPNet, once per sweep, disk-cached; trainable.cam.lung_segment)
     lung_masks: Literal["auto", "data", "atlas", "pspnet"] = "auto"
     objective: Objective = Objective()
     asha: Asha = Asha()
@@ -284,7 +284,7 @@ def _check_value(key: str, value: Any) -> None:
 
 
 def _check_ft_value(key: str, value: Any) -> None:
-    """The fine-tuning and oversampling keys (trainable.finetune, trainable.oversample)."""
+    """The fine-tuning and oversampling keys (trainable.train.finetune, trainable.train.oversample)."""
     if key in ("oversample", "class_weighted") and not isinstance(value, bool):
         raise ValueError(f"{key} must be true or false (got {value!r})")
     if key in ("ft_epochs", "patience") and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):

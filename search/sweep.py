@@ -16,27 +16,27 @@ from typing import Callable
 import ray
 from ray import tune
 
-from search.heldout import score_heldout, search_split, write_split
+from search.outputs.heldout import score_heldout, search_split, write_split
 from search.objective import make_score
-from search.pareto import search_algorithms
-from search.progress import ProgressLine
-from search.report import cluster_hardware, write_report
-from search.resume import (LiveTrials, SweepInterrupted, graceful_stop, is_uri, mirror_checkpoints,
+from search.searcher import search_algorithms
+from search.callbacks.progress import ProgressLine
+from search.report.html import cluster_hardware, write_report
+from search.durable import (LiveTrials, SweepInterrupted, graceful_stop, is_uri, mirror_checkpoints,
                            publish_results, tune_location)
-from search.results import SweepError, atomic_write_text, write_results
-from search.select import export_selection
+from search.outputs.results import SweepError, atomic_write_text, write_results
+from search.outputs.select import export_selection
 from search.space import SpaceError, SweepSpec, Synthetic, tune_param_space
-from search.trackers import tracker_callbacks
-from trainable.confounding import confounding_report
-from trainable.data import Dataset, load_dataset
-from trainable.features import FeatureKey
-from trainable.folds import patient_folds
-from trainable.lung_segment import check_lung_masks, pspnet_weights
-from trainable.holdout import Holdout
-from trainable.phantom import synthesize
+from search.callbacks.trackers import tracker_callbacks
+from trainable.data.confounding import confounding_report
+from trainable.data.dataset import Dataset, load_dataset
+from trainable.models.features import FeatureKey
+from trainable.data.folds import patient_folds
+from trainable.cam.lung_segment import check_lung_masks, pspnet_weights
+from trainable.data.holdout import Holdout
+from trainable.data.phantom import synthesize
 from trainable.prepare import Prepared, prepare_sweep
 from trainable.trial import run_trial
-from trainable.weights import offline_available
+from trainable.models.weights import offline_available
 
 
 def results_dir_for(out: str | Path, name: str) -> Path:
@@ -50,7 +50,7 @@ def results_dir_for(out: str | Path, name: str) -> Path:
 def resolve_data(spec: SweepSpec, data: str | None, results: Path, log: Callable[[str], None],
                  data_format: str = "auto") -> Dataset:
     """`--data` wins over the space file; `synthetic` generates the phantom set into results/data.
-    `data_format` picks the layout adapter (`trainable.adapters`; "auto" detects it)."""
+    `data_format` picks the layout adapter (`trainable.data.adapters`; "auto" detects it)."""
     if data is None and spec.data.path is not None:
         data = spec.data.path
     if data is None or data == "synthetic":
@@ -114,7 +114,7 @@ def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
     """Validate, prepare, search, write results and report.html; returns the results directory.
 
     `storage`: where Tune keeps the experiment (a shared directory or `s3://…`; default RESULTS/tune).
-    SIGTERM stops the sweep resumably (`search.resume`)."""
+    SIGTERM stops the sweep resumably (`search.durable`)."""
     t_start = time.time()
     results = results_dir_for(out, name or spec.name)
     check_weights(spec, log)
@@ -160,7 +160,7 @@ def finish_sweep(results: Path, spec: SweepSpec, space_file: Path, dataset: Data
                  tuner: tune.Tuner, *, t_start: float, storage: str | None = None,
                  log: Callable[[str], None] = print, split: Holdout | None = None) -> Path:
     """Fit (a new or a restored Tuner), then write results, the selection, the held-out scores of
-    best/ and selected/ (`split`: search.heldout) and report.html.
+    best/ and selected/ (`split`: search.outputs.heldout) and report.html.
 
     SIGTERM during the fit stops Tune gracefully and raises SweepInterrupted (resumable)."""
     with graceful_stop() as stop:
@@ -199,7 +199,7 @@ def make_trainable(spec: SweepSpec, prepared: Prepared):
 def make_tuner(spec: SweepSpec, prepared: Prepared, results: Path,
                log: Callable[[str], None], callbacks: list[tune.Callback] | None = None,
                storage: str | None = None) -> tune.Tuner:
-    """`callbacks`: Tune logger callbacks (search.trackers); default CSV + JSON, no trackers.
+    """`callbacks`: Tune logger callbacks (search.callbacks.trackers); default CSV + JSON, no trackers.
     `storage`: Tune's experiment goes to STORAGE/<name>/tune (default RESULTS/tune)."""
     storage_path, tune_name = tune_location(results, storage)
     trainable = make_trainable(spec, prepared)

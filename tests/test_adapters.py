@@ -1,4 +1,4 @@
-"""Adapters: each layout is detected, read into manifest rows, and decodes through trainable.images.
+"""Adapters: each layout is detected, read into manifest rows, and decodes through trainable.data.images.
 
 Every fixture is generated here, in the exact layout of the public release it stands for.
 """
@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import write_manifest_dataset
-from trainable.adapters import ADAPTERS, detect_format, read_table
-from trainable.data import load_dataset
-from trainable.dicom import is_dicom, read_dicom
+from trainable.data.adapters import ADAPTERS, detect_format, read_table
+from trainable.data.dataset import load_dataset
+from trainable.data.dicom import is_dicom, read_dicom
 from trainable.errors import DataError
-from trainable.images import decode_images, read_gray
+from trainable.data.images import decode_images, read_gray
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +153,7 @@ def test_covid19_radiography_mask_of_another_shape_is_left_for_the_decoder(tmp_p
 # --------------------------------------------------------------------------- ieee8023
 def _v7labs_member(nonempty: bool = True) -> tuple[str, tuple[int, int], np.ndarray]:
     """Name, size and lung pixels (>= 192) of an annotation torchxrayvision ships."""
-    from trainable.lungs import v7labs_zip_path
+    from trainable.data.lungs import v7labs_zip_path
 
     with zipfile.ZipFile(v7labs_zip_path()) as zf:
         for name in sorted(zf.namelist()):

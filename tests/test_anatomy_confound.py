@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import cxrtune
-from trainable.phantom import synthesize
+from trainable.data.phantom import synthesize
 
 
 def _cells(manifest: Path) -> pd.DataFrame:

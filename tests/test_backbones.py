@@ -15,15 +15,16 @@ import pytest
 import torch
 from torch import nn
 
-from trainable import weights as W
-from trainable.backbones import (
+from trainable.models import weights as W
+from trainable.models.backbones import (
     UnknownBackboneError,
     available_backbones,
     build_backbone,
     describe_backbones,
     get_spec,
 )
-from trainable.weights import WeightsNotFoundError, load_timm_classifier, resolve_weights
+from trainable.models.loaders import load_timm_classifier
+from trainable.models.weights import WeightsNotFoundError, resolve_weights
 
 torch.set_num_threads(2)
 

@@ -98,7 +98,7 @@ def test_leaderboard_sorts_numbers_as_numbers_and_ids_as_text(tmp_path: Path, ch
     from test_report import IDS, make_results  # a hand-made results directory: hex ids, a failed trial
 
     root = make_results(tmp_path / "r", extras=True)
-    from search.report import write_report
+    from search.report.html import write_report
 
     page = write_report(root, log=lambda m: None)
     trials = pd.read_csv(root / "trials.csv", dtype={"trial_id": str})

@@ -15,8 +15,8 @@ from PIL import Image
 
 from trainable.cache import (CACHE_ENV, DiskCache, FeatureStore, array_digest, cache_root, cached_features,
                              decoded_images)
-from trainable.data import load_dataset
-from trainable.features import FeatureKey
+from trainable.data.dataset import load_dataset
+from trainable.models.features import FeatureKey
 from trainable.prepare import Settings, prepare_local
 
 

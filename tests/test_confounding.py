@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REAL_DATA, write_manifest_dataset
-from trainable.confounding import confounding_report, cramers_v, group_values
-from trainable.data import load_dataset
+from trainable.data.confounding import confounding_report, cramers_v, group_values
+from trainable.data.dataset import load_dataset
 from trainable.errors import DataError
 
 

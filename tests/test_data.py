@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import write_manifest_dataset
-from trainable.data import load_dataset
+from trainable.data.dataset import load_dataset
 from trainable.errors import DataError
-from trainable.images import decode_images
+from trainable.data.images import decode_images
 
 
 def test_manifest_loads_with_absolute_paths_and_task_labels(tiny_dataset: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REAL_DATA, write_manifest_dataset
-from trainable.datacheck import check_data, difference_hash
+from trainable.data.datacheck import check_data, difference_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 

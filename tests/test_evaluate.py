@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from search.evaluate import evaluate, match_labels, scores
-from trainable.data import load_dataset
+from search.outputs.evaluate import evaluate, match_labels, scores
+from trainable.data.dataset import load_dataset
 from trainable.errors import DataError
 from trainable.export import export_model, load_model, preprocess_image
-from trainable.features import FeatureKey
-from trainable.phantom import synthesize
+from trainable.models.features import FeatureKey
+from trainable.data.phantom import synthesize
 from trainable.prepare import Settings, prepare_local
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainable.data import load_dataset
-from trainable.features import FeatureKey
-from trainable.phantom import synthesize
+from trainable.data.dataset import load_dataset
+from trainable.models.features import FeatureKey
+from trainable.data.phantom import synthesize
 from trainable.prepare import Settings, prepare_local
 from trainable.trial import with_defaults
 

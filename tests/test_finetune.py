@@ -1,4 +1,4 @@
-"""The fine-tuning stage (trainable.finetune) on a tiny phantom set with the real ImageNet
+"""The fine-tuning stage (trainable.train.finetune) on a tiny phantom set with the real ImageNet
 efficientnet_lite0 (offline weights), in this process: backbone blocks, BN policy, early stopping,
 export with the fine-tuned backbone, Grad-CAM of fine-tuned folds (montage, cam_layer).
 
@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from search.evidence import fold_heads, pick_images, trial_cams
-from trainable.backbones import build_backbone
-from trainable.camlayer import LayerCam
-from trainable.data import load_dataset
-from trainable.explain import explanation_scores
+from search.outputs.evidence import fold_heads, pick_images, trial_cams
+from trainable.models.backbones import build_backbone
+from trainable.cam.camlayer import LayerCam
+from trainable.data.dataset import load_dataset
+from trainable.cam.explain import explanation_scores
 from trainable.export import export_model, load_model
-from trainable.features import FeatureKey
-from trainable.finetune import (EarlyStopping, _state, backbone_blocks, finetune_folds, predict_with_maps,
+from trainable.models.features import FeatureKey
+from trainable.train.finetune import (EarlyStopping, _state, backbone_blocks, finetune_folds, predict_with_maps,
                                 set_trainable)
-from trainable.head import Classifier, Head
-from trainable.images import edge_band
-from trainable.phantom import synthesize
+from trainable.models.head import Classifier, Head
+from trainable.cam.explain import edge_band
+from trainable.data.phantom import synthesize
 from trainable.prepare import Settings, prepare_local
 from trainable.trial import _save, cam_targets, new_fold_state, run_epoch, with_defaults
 

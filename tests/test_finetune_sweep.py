@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from search.evidence import fold_heads
+from search.outputs.evidence import fold_heads
 from tests.conftest import cxrtune
-from trainable.backbones import build_backbone
+from trainable.models.backbones import build_backbone
 from trainable.export import load_model
 
 FT_SPACE = """

@@ -1,4 +1,4 @@
-"""BatchNorm folding for the feature pass (trainable.fold_bn): the same maps, the original untouched,
+"""BatchNorm folding for the feature pass (trainable.models.fold_bn): the same maps, the original untouched,
 and no folding where the convolution's output is used by something besides its BatchNorm."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainable.backbones import build_backbone
-from trainable.features import feature_maps, inference_model
-from trainable.fold_bn import fold_batchnorm
+from trainable.models.backbones import build_backbone
+from trainable.models.features import feature_maps, inference_model
+from trainable.models.fold_bn import fold_batchnorm
 
 
 def _trained_bn(bn: nn.BatchNorm2d, seed: int) -> nn.BatchNorm2d:
@@ -66,7 +66,7 @@ def test_efficientnet_feature_maps_match_the_unfolded_backbone() -> None:
     images = (np.random.default_rng(0).random((6, 112, 112)) * 255).astype(np.uint8)
     fast = feature_maps(backbone, images, 0.08, 96, model=model)
     with torch.inference_mode():  # the unfolded model: eval, the same inputs
-        from trainable.images import geometry, to_model_input
+        from trainable.data.images import geometry, to_model_input
         pre = backbone.preprocessing
         ref = backbone.model.eval()(to_model_input(geometry(images, 0.08, 96), pre.in_chans, pre.mean, pre.std))
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from trainable.errors import DataError
-from trainable.folds import patient_folds
+from trainable.data.folds import patient_folds
 
 
 def _toy(n_patients: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
-from trainable.groups import group_metrics
+from trainable.train.groups import group_metrics
 
 
 def test_a_source_shortcut_scores_zero_on_the_cell_that_breaks_it() -> None:

@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from search.heldout import check_split, search_split
-from search.results import SweepError
+from search.outputs.heldout import check_split, search_split
+from search.outputs.results import SweepError
 from search.space import SpaceError, load_space
 from tests.conftest import cxrtune, write_manifest_dataset
-from trainable.data import load_dataset
+from trainable.data.dataset import load_dataset
 from trainable.errors import DataError
-from trainable.holdout import split_holdout
+from trainable.data.holdout import split_holdout
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import TINY_SPACE, cxrtune
 from trainable.errors import DataError
-from trainable.lung_segment import (PSPNET_FILE, LungSegmentationError, build_pspnet, choose_lung_masks,
+from trainable.cam.lung_segment import (PSPNET_FILE, LungSegmentationError, build_pspnet, choose_lung_masks,
                                     lung_channels, lung_mask_from_output, pspnet_masks, pspnet_weights,
                                     pspnet_weights_places)
 

@@ -1,4 +1,4 @@
-"""The per-fold metrics (trainable.metrics, numpy) equal scikit-learn's on random and degenerate folds."""
+"""The per-fold metrics (trainable.train.metrics, numpy) equal scikit-learn's on random and degenerate folds."""
 from __future__ import annotations
 
 import warnings
@@ -8,8 +8,8 @@ import pytest
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss,
                              roc_auc_score)
 
-from trainable.groups import group_metrics
-from trainable.metrics import binary_auc, classification_metrics
+from trainable.train.groups import group_metrics
+from trainable.train.metrics import binary_auc, classification_metrics
 
 
 def _sklearn(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Minority oversampling (trainable.oversample), its space check, and the covid_vs_viral task."""
+"""Minority oversampling (trainable.train.oversample), its space check, and the covid_vs_viral task."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from search.space import SpaceError, load_space
-from trainable.data import load_dataset
+from trainable.data.dataset import load_dataset
 from trainable.errors import DataError
-from trainable.oversample import minority_class, oversampled_indices, oversampled_rows
+from trainable.train.oversample import minority_class, oversampled_indices, oversampled_rows
 
 
 def test_minority_is_doubled_in_a_head_epoch_from_another_view() -> None:

@@ -15,8 +15,8 @@ import pytest
 
 from tests.conftest import TINY_SPACE, cxrtune
 from search.objective import objective_score, pareto_column
-from search.pareto import load_study, order_trials
-from search.select import select_trial
+from search.searcher import load_study, order_trials
+from search.outputs.select import select_trial
 from search.space import SpaceError, load_space
 
 WEIGHTED = "objective: {mode: weighted, metric: balanced_accuracy, w: 0.5}"

@@ -1,4 +1,4 @@
-"""Phantom data set (trainable.phantom) and the real lung annotations it uses (trainable.lungs)."""
+"""Phantom data set (trainable.data.phantom) and the real lung annotations it uses (trainable.data.lungs)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from trainable import lungs, phantom
+from trainable.data import lungs
+from trainable.data import phantom
 
 SIZE = 64
 

@@ -1,4 +1,4 @@
-"""The per-epoch lung/edge mass (trainable.explain.explanation_scores) works on the h×w Grad-CAM grid
+"""The per-epoch lung/edge mass (trainable.cam.explain.explanation_scores) works on the h×w Grad-CAM grid
 without building S×S maps; it must give the numbers of the full-resolution path that `cxrtune
 explain` and the montages use (normalise_and_resize + region_masses), which itself matches
 pytorch-grad-cam (tests/test_explain.py)."""
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainable.explain import explanation_scores, gradcam_from_maps, normalise_and_resize, region_masses
-from trainable.head import Head
-from trainable.images import edge_band
+from trainable.cam.explain import explanation_scores, gradcam_from_maps, normalise_and_resize, region_masses
+from trainable.models.head import Head
+from trainable.cam.explain import edge_band
 
 
 def _full_resolution(head, maps, targets, lung, edge):

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from search.report import ReportError, asha_rungs, build_report, load_sweep, pareto_front, write_report
+from search.report.html import ReportError, asha_rungs, build_report, load_sweep, pareto_front, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,7 +209,7 @@ def test_cxrtune_report_command(tmp_path: Path) -> None:
 def test_trackers_are_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
-    from search.trackers import tracker_callbacks
+    from search.callbacks.trackers import tracker_callbacks
 
     monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
     kinds = [type(c) for c in tracker_callbacks()]
@@ -219,7 +219,7 @@ def test_trackers_are_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_mlflow_tracker_uri_and_missing_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from search.trackers import TrackerError, mlflow_tracking_uri, tracker_callbacks
+    from search.callbacks.trackers import TrackerError, mlflow_tracking_uri, tracker_callbacks
 
     assert mlflow_tracking_uri(str(tmp_path / "mlruns")) == (tmp_path / "mlruns").as_uri()
     assert mlflow_tracking_uri((tmp_path / "m").as_uri()) == (tmp_path / "m").as_uri()
@@ -237,7 +237,7 @@ def test_mlflow_tracker_uses_a_local_file_store(tmp_path: Path, monkeypatch: pyt
     from ray import cloudpickle
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    from search.trackers import tracker_callbacks
+    from search.callbacks.trackers import tracker_callbacks
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     cb = tracker_callbacks(mlflow_uri=str(tmp_path / "mlruns"), experiment="e1")[-1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from search.select import metric_best, select_trial
+from search.outputs.select import metric_best, select_trial
 
 
 def _trials() -> pd.DataFrame:

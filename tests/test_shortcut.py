@@ -18,11 +18,11 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from search.objective import objective_score
-from search.select import load_sweep, local_prepared, trial_config
-from trainable.data import load_dataset
+from search.outputs.select import load_sweep, local_prepared, trial_config
+from trainable.data.dataset import load_dataset
 from trainable.export import export_model, load_model
-from trainable.images import decode_images, geometry, to_model_input
-from trainable.phantom import synthesize
+from trainable.data.images import decode_images, geometry, to_model_input
+from trainable.data.phantom import synthesize
 
 SPACE = """
 name: shortcut

@@ -4,9 +4,9 @@ A sweep decodes its images and runs each frozen backbone once; these caches keep
 the next sweep (or a second one running at the same time) over the same data does neither again.
 
 * **Decoded images**, per (dataset content hash, base size): the uint8 (N, S, S) array that
-  `trainable.images.decode_images` returns, and the data's own lung masks (bit-packed).
+  `trainable.data.images.decode_images` returns, and the data's own lung masks (bit-packed).
 * **Features**, per (FeatureKey, weights sha256, augmentation views, seed, decoded images): the
-  fp16 view-0 maps and the pooled vectors of every view (`trainable.features.FeatureSet`).
+  fp16 view-0 maps and the pooled vectors of every view (`trainable.models.features.FeatureSet`).
 
 An entry's key is the sha256 of a JSON description of everything it depends on — the inputs
 above, the source of the modules that compute it and the versions of the libraries they call — so
@@ -265,10 +265,10 @@ class DecodedImages:
 def decoded_images(dataset, base_size: int, root: Path | None,
                    log: Callable[[str], None] = print) -> DecodedImages:
     """Images and masks decoded and resized once per (dataset content hash, base size)."""
-    from trainable.images import decode_images
+    from trainable.data.images import decode_images
 
     description = {"data": dataset.content_hash(), "n": len(dataset), "base_size": int(base_size),
-                   "code": code_fingerprint(("trainable.images", "trainable.dicom"),
+                   "code": code_fingerprint(("trainable.data.images", "trainable.data.dicom"),
                                             ("numpy", "pillow", "pydicom"))}
 
     def build() -> tuple[dict[str, np.ndarray], dict]:
@@ -301,18 +301,18 @@ class FeatureStore:
     images_digest: str
 
     def description(self, key, views: dict[str, int], seed: int, weights_sha256: str, device: str) -> dict:
-        """What a FeatureSet depends on; `key` is a `trainable.features.FeatureKey`."""
+        """What a FeatureSet depends on; `key` is a `trainable.models.features.FeatureKey`."""
         return {"key": asdict(key), "weights_sha256": weights_sha256, "device": device,
                 "views": {p: (1 if p == "none" else int(n)) for p, n in sorted(views.items())},
                 "seed": int(seed), "images": self.images_digest,
-                "code": code_fingerprint(("trainable.features", "trainable.fold_bn", "trainable.images",
-                                          "trainable.backbones", "trainable.weights"), ("torch", "timm", "numpy"))}
+                "code": code_fingerprint(("trainable.models.features", "trainable.models.fold_bn", "trainable.data.images",
+                                          "trainable.models.backbones", "trainable.models.weights"), ("torch", "timm", "numpy"))}
 
 
 def cached_features(images: np.ndarray | None, key, views: dict[str, int], seed: int,
                     store: FeatureStore | None, log: Callable[[str], None] = print, batch_size: int | None = None,
                     compute: bool = True):
-    """`trainable.features.compute_features`, read from / written to the feature cache.
+    """`trainable.models.features.compute_features`, read from / written to the feature cache.
 
     Random weights are never cached (their initialisation is not content-addressable). On a hit
     `images_through_backbone` is 0 and `seconds` the time to read; `extra["cache"]` says which.
@@ -320,8 +320,8 @@ def cached_features(images: np.ndarray | None, key, views: dict[str, int], seed:
     """
     import torch
 
-    from trainable.features import FeatureSet, compute_features
-    from trainable.weights import resolve_weights
+    from trainable.models.features import FeatureSet, compute_features
+    from trainable.models.weights import resolve_weights
 
     weights_sha = None if key.weights == "random" else resolve_weights(key.backbone, key.weights).sha256
     if store is None or store.root is None or not weights_sha:

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainable.backbones import build_backbone
-from trainable.features import FeatureSet
-from trainable.head import Classifier, Head, class_weights, train_one_epoch
-from trainable.images import geometry, read_gray, to_model_input
+from trainable.models.backbones import build_backbone
+from trainable.models.features import FeatureSet
+from trainable.models.head import Classifier, Head, class_weights, train_one_epoch
+from trainable.data.images import geometry, read_gray, to_model_input
 from trainable.prepare import Prepared
-from trainable.finetune import finetune_all
-from trainable.oversample import oversampled_rows
+from trainable.train.finetune import finetune_all
+from trainable.train.oversample import oversampled_rows
 from trainable.trial import feature_key, new_fold_state, train_view, with_defaults
 
 
@@ -68,7 +68,7 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
     n_ft = ft_epochs_to_refit(config, prepared, epochs, metrics)
     head = refit_head(config, prepared, fs, max(1, min(epochs, prepared.settings.epochs)))
     backbone = build_backbone(config["backbone"], config["weights"])
-    if n_ft:  # the fine-tuned backbone and head go into model.pt (trainable.finetune)
+    if n_ft:  # the fine-tuned backbone and head go into model.pt (trainable.train.finetune)
         model = finetune_all(config, prepared, fs, head, n_ft)
     else:
         model = Classifier(backbone.model, head).eval()

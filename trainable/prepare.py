@@ -14,13 +14,13 @@ import numpy as np
 import ray
 
 from trainable.cache import FeatureStore, cache_root, cached_features, decoded_images
-from trainable.data import Dataset
+from trainable.data.dataset import Dataset
 from trainable.errors import DataError
-from trainable.featureset import FeatureKey, FeatureSet
-from trainable.folds import patient_folds
-from trainable.images import mask_geometry
-from trainable.lung_segment import choose_lung_masks
-from trainable.lungs import lung_atlas
+from trainable.models.featureset import FeatureKey, FeatureSet
+from trainable.data.folds import patient_folds
+from trainable.data.images import mask_geometry
+from trainable.cam.lung_segment import choose_lung_masks
+from trainable.data.lungs import lung_atlas
 from trainable.shared import Prepared, Settings  # noqa: F401 - Settings: part of this module's API
 
 
@@ -55,7 +55,7 @@ def _shared_arrays(dataset: Dataset, settings: Settings, keys: list[FeatureKey],
     decoded = decoded_images(dataset, settings.base_size, root, progress)
     images, masks = decoded.images, decoded.masks
     t_decode = time.perf_counter() - t0
-    # the lung-mask source (settings.lung_masks: auto | data | atlas | pspnet; trainable.lung_segment)
+    # the lung-mask source (settings.lung_masks: auto | data | atlas | pspnet; trainable.cam.lung_segment)
     ids = dataset.table["id"].tolist()
     masks, mask_source = choose_lung_masks(
         settings.lung_masks, images, masks, dataset.has_masks, ids, decoded.digest, root,

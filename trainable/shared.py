@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from trainable.featureset import FeatureKey, FeatureSet
+from trainable.models.featureset import FeatureKey, FeatureSet
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Settings:
     group_column: str = "source"  # manifest column for group-aware metrics (source, view, site, …)
     min_cell: int = 5            # (group × class) cells smaller than this are not scored
     cam_layer: str = "final"     # Grad-CAM layer for lung/edge mass: "final" (fast path) or a stage
-    #                              output (trainable.camlayer: the full model, every epoch)
+    #                              output (trainable.cam.camlayer: the full model, every epoch)
     lung_masks: str = "auto"     # lung-mask source: auto (data's, else atlas) | data | atlas | pspnet
     cache_dir: str | None = None  # on-disk cache (trainable.cache): None = $CXRTUNE_CACHE_DIR or
     #                               ~/.cache/cxrtune; "off" = none

@@ -21,16 +21,16 @@ from ray import tune
 
 # a trial process imports only what the head stage needs (torch, numpy, ray): timm, torchvision,
 # scikit-learn and scipy added ~3 s to the start of every trial actor
-from trainable.explain import GridScorer, edge_band
-from trainable.featureset import FeatureKey, FeatureSet
-from trainable.groups import group_metrics
-from trainable.head import Head, class_weights, predict_proba, train_one_epoch
-from trainable.metrics import classification_metrics, confusion
-from trainable.oversample import oversampled_rows
+from trainable.cam.explain import GridScorer, edge_band
+from trainable.models.featureset import FeatureKey, FeatureSet
+from trainable.train.groups import group_metrics
+from trainable.models.head import Head, class_weights, predict_proba, train_one_epoch
+from trainable.train.metrics import classification_metrics, confusion
+from trainable.train.oversample import oversampled_rows
 from trainable.shared import Prepared
 
 if TYPE_CHECKING:
-    from trainable.camlayer import LayerCam
+    from trainable.cam.camlayer import LayerCam
 
 # search-space keys a trial understands, with their defaults
 TRIAL_DEFAULTS: dict[str, object] = {
@@ -44,8 +44,8 @@ TRIAL_DEFAULTS: dict[str, object] = {
     "augment": "none",
     "crop_margin": 0.0,
     "class_weighted": True,
-    "oversample": False,      # minority class twice per epoch, the copy augmented (trainable.oversample)
-    # fine-tuning stage after the head epochs (trainable.finetune); ft_epochs 0 = none
+    "oversample": False,      # minority class twice per epoch, the copy augmented (trainable.train.oversample)
+    # fine-tuning stage after the head epochs (trainable.train.finetune); ft_epochs 0 = none
     "ft_epochs": 0,
     "ft_lr": 1e-5,
     "ft_blocks": "all",       # "all" or N: the last N blocks of the backbone train (finetune.backbone_blocks)
@@ -150,7 +150,7 @@ def run_epoch(states: list[FoldState], config: dict, prepared: Prepared, fs: Fea
     oof_lung, oof_edge = np.zeros(len(y)), np.zeros(len(y))
     for k, ((tr, va), st) in enumerate(zip(prepared.folds, states)):
         v = train_view(epoch, len(pooled), s.seed, k)
-        # oversample: the minority's rows again, from another cached view (trainable.oversample)
+        # oversample: the minority's rows again, from another cached view (trainable.train.oversample)
         rows, views = oversampled_rows(tr, y, v, len(pooled), epoch, s.seed, k) if config["oversample"] \
             else (tr, np.full(len(tr), v))
         weight = class_weights(y[rows], len(prepared.classes)) if config["class_weighted"] else None
@@ -161,7 +161,7 @@ def run_epoch(states: list[FoldState], config: dict, prepared: Prepared, fs: Fea
         if cam is None:   # exact Grad-CAM from the cached last maps (fast path)
             lung_mass, edge_mass = scoring.scorer.scores(st.head, scoring.maps[va], targets, va,
                                                          scoring.pooled[va])
-        else:   # settings.cam_layer: the full model at a higher-resolution layer (trainable.camlayer)
+        else:   # settings.cam_layer: the full model at a higher-resolution layer (trainable.cam.camlayer)
             lung_mass, edge_mass = cam.masses(st.head, prepared.image_array()[va], targets, lung[va], edge)
         oof_probs[va], oof_lung[va], oof_edge[va] = probs, lung_mass, edge_mass
         m = fold_metrics(prepared, va, probs, lung_mass, edge_mass, float(lung_share[va].mean()), train_loss)
@@ -239,7 +239,7 @@ def run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
     n_classes = len(prepared.classes)
     states = [new_fold_state(config, fs.maps.shape[1], n_classes, prepared.settings.seed + k)
               for k in range(len(prepared.folds))]
-    from trainable.camlayer import layer_cam_for  # builds backbones: imported only by a trial that runs one
+    from trainable.cam.camlayer import layer_cam_for  # builds backbones: imported only by a trial that runs one
 
     cam = layer_cam_for(config["backbone"], config["weights"], prepared.settings.cam_layer,
                         float(config["crop_margin"]), prepared.settings.input_size)
@@ -266,7 +266,7 @@ def run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
         with tempfile.TemporaryDirectory(prefix="cxrtune-ckpt-") as d:
             tune.report(metrics | info, checkpoint=_save(d, states, epoch + 1, history))
     if int(config["ft_epochs"]) > 0:
-        from trainable.finetune import run_finetune  # imported here: finetune builds on this module
+        from trainable.train.finetune import run_finetune  # imported here: finetune builds on this module
 
         run_finetune(states, config, prepared, fs, score, history, checkpoint, start_epoch)
 

@@ -1,0 +1,223 @@
+"""`cxrtune evaluate --model DIR --data DIR`: score an exported model on another data set.
+
+The data can be in any adapter's layout (`trainable.data.adapters`). Its labels are matched to the
+model's classes: as they are when every label is a class of the model, else through the task
+whose classes the model has (e.g. `normal` and `pneumonia` → `rest` for a `covid_vs_rest`
+model); anything else is a DataError naming the labels that do not fit.
+
+Every image is decoded and cropped exactly as in the sweep (`trainable.data.images`), run through the
+backbone once, and its Grad-CAM for the true class is computed exactly from the feature maps
+(`trainable.cam.explain`): `lung_mass` on the data's lung masks where it has them, else on the atlas;
+`edge_mass` on the outer `edge_band` of the model input.
+
+>>> result = evaluate("results/default/best", "data/holdout")      # doctest: +SKIP
+>>> print("\\n".join(report_lines(result)))                         # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import (accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support,
+                             roc_auc_score)
+
+from trainable.data.dataset import TASKS, Dataset, load_dataset
+from trainable.errors import DataError
+from trainable.cam.explain import explanation_scores
+from trainable.export import load_model
+from trainable.models.features import inference_batch_size
+from trainable.data.images import decode_images, geometry, mask_geometry, to_model_input
+from trainable.cam.explain import edge_band
+from trainable.data.lungs import lung_atlas
+
+
+def match_labels(dataset: Dataset, classes: list[str], source: str) -> dict[str, str]:
+    """data label → model class: identity when every label is a class, else a task's mapping."""
+    labels = sorted(set(dataset.table["label"].astype(str)))
+    if set(labels) <= set(classes):
+        return {lab: lab for lab in labels}
+    for task, spec in TASKS.items():
+        if spec is not None and list(spec[0]) == list(classes) and set(labels) <= set(spec[1]):
+            return {lab: spec[1][lab] for lab in labels}
+    unknown = sorted(set(labels) - set(classes))
+    tasks = [t for t, spec in TASKS.items() if spec is not None and list(spec[0]) == list(classes)]
+    via = f" or through task {tasks[0]!r} ({', '.join(sorted(TASKS[tasks[0]][1]))})" if tasks else ""
+    raise DataError(f"{source}: label(s) {', '.join(map(repr, unknown))} do not match the model's "
+                    f"classes {classes}: every label must be one of them{via}")
+
+
+def evaluate(model_dir: str | Path, data: str | Path, format: str = "auto", batch_size: int | None = None,
+             log: Callable[[str], None] = lambda m: None) -> dict:
+    """Metrics, per-class precision/recall/F1, confusion matrix and Grad-CAM lung/edge mass, overall,
+    per source and per image (`per_image`: id, label, predicted, probabilities, masses)."""
+    return evaluate_dataset(model_dir, load_dataset(data, "labels", format), str(data), batch_size, log)
+
+
+def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_size: int | None = None,
+                     log: Callable[[str], None] = lambda m: None) -> dict:
+    """`evaluate` on a loaded data set (e.g. a sweep's held-out patients, `search.outputs.heldout`);
+    `data` names it in messages and in the result. `batch_size`: default `inference_batch_size()`."""
+    batch_size = batch_size or inference_batch_size()
+    model, meta = load_model(model_dir)
+    classes = [str(c) for c in meta["classes"]]
+    mapping = match_labels(dataset, classes, str(data))
+    y = np.array([classes.index(mapping[lab]) for lab in dataset.table["label"].astype(str)], np.int64)
+    pre = meta["preprocessing"]
+    size, margin, input_size = int(pre["base_size"]), float(pre["crop_margin"]), int(pre["input_size"])
+    log(f"decoding {len(dataset)} images at {size}px")
+    images, masks = decode_images(dataset, size)
+    has_mask = dataset.has_masks
+    if not has_mask.all():
+        masks[~has_mask] = lung_atlas(size, float(meta.get("atlas_threshold", 0.5)))
+    edge = edge_band(input_size, float(meta["edge_band"]))
+    probs, lung, edge_m, area = [], [], [], []
+    log(f"scoring with {meta['backbone']} ({len(classes)} classes)")
+    for s in range(0, len(images), batch_size):
+        sl = slice(s, s + batch_size)
+        x = to_model_input(geometry(images[sl], margin, input_size), int(pre["in_chans"]),
+                           tuple(pre["mean"]), tuple(pre["std"]))
+        with torch.no_grad():
+            maps = model.backbone(x).float()
+            probs.append(torch.softmax(model.head(maps.mean(dim=(2, 3))), 1).numpy())
+        lm = mask_geometry(masks[sl], margin, input_size)
+        a, b = explanation_scores(model.head, maps, torch.from_numpy(y[sl]), lm, edge)
+        lung.append(a)
+        edge_m.append(b)
+        area.append(lm.mean(axis=(1, 2)))
+    p = np.concatenate(probs)
+    lung_mass, edge_mass, lung_area = np.concatenate(lung), np.concatenate(edge_m), np.concatenate(area)
+    result = {"model": str(model_dir), "data": str(data), "format": dataset.format,
+              "backbone": meta["backbone"], "classes": classes, "label_mapping": mapping,
+              "images": int(len(dataset)), "patients": int(len(set(dataset.patients))),
+              "masks": {"data": int(has_mask.sum()), "atlas": int((~has_mask).sum())},
+              "trained_on_this_data": _same_data(dataset, meta.get("data_hash"))}
+    result.update(scores(y, p, classes, lung_mass, edge_mass, lung_area))
+    result["by_source"] = _by_group(dataset.table["source"].astype(str).to_numpy(), y, p, lung_mass, edge_mass)
+    result["per_image"] = [
+        {"id": i, "label": classes[t], "predicted": classes[int(pr.argmax())],
+         "probabilities": [round(float(v), 5) for v in pr], "lung_mass": round(float(lm), 5),
+         "edge_mass": round(float(em), 5), "mask": "data" if hm else "atlas"}
+        for i, t, pr, lm, em, hm in zip(dataset.table["id"].astype(str), y, p, lung_mass, edge_mass, has_mask)]
+    return result
+
+
+def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], lung_mass: np.ndarray,
+           edge_mass: np.ndarray, lung_area: np.ndarray) -> dict:
+    """Pure function of labels, probabilities and per-image masses."""
+    n = len(classes)
+    pred = probs.argmax(1)
+    idx = list(range(n))
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=idx, zero_division=0)
+    present = [k for k in idx if (y == k).any()]
+    metrics = {
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(np.mean([rec[k] for k in present])),
+        "auc": _auc(y, probs),
+        "macro_f1": float(np.mean([f1[k] for k in present])),
+        "loss": float(log_loss(y, np.clip(probs, 1e-7, 1.0), labels=idx)),
+        "lung_mass": float(lung_mass.mean()),
+        "edge_mass": float(edge_mass.mean()),
+        "lung_enrichment": float(lung_mass.mean() / max(lung_area.mean(), 1e-9)),
+    }
+    per_class = {c: {"precision": float(prec[k]), "recall": float(rec[k]), "f1": float(f1[k]),
+                     "support": int(support[k]),
+                     "lung_mass": float(lung_mass[y == k].mean()) if support[k] else math.nan,
+                     "edge_mass": float(edge_mass[y == k].mean()) if support[k] else math.nan}
+                 for k, c in enumerate(classes)}
+    cm = confusion_matrix(y, pred, labels=idx)
+    return {"metrics": metrics, "per_class": per_class,
+            "confusion_matrix": {"labels": classes, "rows_true_columns_predicted": cm.tolist()}}
+
+
+def _auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """Binary AUC of the second class, or the one-vs-rest macro AUC over the classes present."""
+    present = np.unique(y)
+    if len(present) < 2:
+        return math.nan
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(y, probs[:, 1]))
+    return float(np.mean([roc_auc_score(y == k, probs[:, k]) for k in present]))
+
+
+def _by_group(groups: np.ndarray, y: np.ndarray, probs: np.ndarray, lung: np.ndarray,
+              edge: np.ndarray) -> dict:
+    out = {}
+    names = sorted(set(groups))
+    if len(names) < 2:
+        return out
+    pred = probs.argmax(1)
+    for g in names:
+        m = groups == g
+        out[g or "(blank)"] = {"images": int(m.sum()), "accuracy": float((pred[m] == y[m]).mean()),
+                               "lung_mass": float(lung[m].mean()), "edge_mass": float(edge[m].mean())}
+    return out
+
+
+def _same_data(dataset: Dataset, data_hash: str | None) -> bool:
+    if not data_hash:
+        return False
+    return any(dataclasses.replace(dataset, task=t).content_hash() == data_hash for t in TASKS)
+
+
+def report_lines(result: dict) -> list[str]:
+    """The result as a readable table."""
+    m = result["metrics"]
+    classes = result["classes"]
+    mapped = {k: v for k, v in result["label_mapping"].items() if k != v}
+    lines = [f"model: {result['model']} ({result['backbone']}; classes {', '.join(classes)})",
+             f"data: {result['data']} (format {result['format']}; {result['images']} images, "
+             f"{result['patients']} patients; lung masks: {result['masks']['data']} from the data, "
+             f"{result['masks']['atlas']} atlas)"]
+    if mapped:
+        lines.append("labels mapped: " + ", ".join(f"{k} → {v}" for k, v in mapped.items()))
+    if result.get("trained_on_this_data"):
+        lines.append("note: the model was trained on this very data set: these are training-set "
+                     "numbers, not a test")
+    lines.append(f"accuracy {m['accuracy']:.3f} · balanced accuracy {m['balanced_accuracy']:.3f} · "
+                 f"AUC {m['auc']:.3f} · macro F1 {m['macro_f1']:.3f} · loss {m['loss']:.3f}")
+    lines.append(f"lung_mass {m['lung_mass']:.3f} · edge_mass {m['edge_mass']:.3f} · "
+                 f"lung_enrichment {m['lung_enrichment']:.2f}  (Grad-CAM for the true class)")
+    w = max(5, *(len(c) for c in classes))
+    lines.append(f"{'class':<{w}}  precision  recall     f1  support  lung_mass  edge_mass")
+    for c in classes:
+        r = result["per_class"][c]
+        lines.append(f"{c:<{w}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  "
+                     f"{r['support']:7d}  {r['lung_mass']:9.3f}  {r['edge_mass']:9.3f}")
+    lines.append("confusion matrix (rows: true, columns: predicted):")
+    cw = max(w, *(len(c) for c in classes), 6)
+    lines.append(" " * (cw + 2) + "  ".join(f"{c:>{cw}}" for c in classes))
+    for c, row in zip(classes, result["confusion_matrix"]["rows_true_columns_predicted"]):
+        lines.append(f"{c:<{cw}}  " + "  ".join(f"{v:>{cw}d}" for v in row))
+    if result["by_source"]:
+        lines.append("by source: " + " · ".join(
+            f"{g}: {r['images']} images, accuracy {r['accuracy']:.3f}, lung_mass {r['lung_mass']:.3f}"
+            for g, r in result["by_source"].items()))
+    return lines
+
+
+def write_json(result: dict, out: str | Path) -> Path:
+    """`result` as strict JSON (NaN → null), written atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
+    tmp.replace(out)
+    return out
+
+
+def json_safe(o: object) -> object:
+    """`o` with numpy scalars as Python numbers, tuples as lists, keys as strings, NaN/inf as None."""
+    if isinstance(o, dict):
+        return {str(k): json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    if isinstance(o, (np.integer, np.floating)):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o

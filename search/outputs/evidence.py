@@ -1,0 +1,125 @@
+"""Evidence a person can see: Grad-CAM montages of validation images, one column per model.
+
+Each column is one trial; each row one validation image, explained by the head of the fold that
+did NOT train on it (the trial's last checkpoint holds one head per fold), so the picture shows
+out-of-fold evidence — what cross-validation scored. When the trial fine-tuned, its last checkpoint
+holds each fold's fine-tuned model (restored to its best ft epoch), and the maps are recomputed with
+that fold's own backbone, as the fine-tuning stage did for its lung / edge mass.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from trainable.cam.explain import gradcam_from_maps, normalise_and_resize, region_masses  # noqa: E402
+from trainable.train.finetune import fold_model, predict_with_maps  # noqa: E402
+from trainable.models.head import Classifier, Head, predict_proba  # noqa: E402
+from trainable.data.images import geometry, read_gray  # noqa: E402
+from trainable.cam.explain import edge_band  # noqa: E402
+from trainable.prepare import Prepared  # noqa: E402
+from trainable.trial import feature_key, with_defaults  # noqa: E402
+
+
+def fold_heads(results: Path, trial_id: str) -> list[dict]:
+    """The per-fold state dicts of a trial's latest checkpoint: each fold's head, or its whole
+    fine-tuned model (keys `backbone.*`, `head.*`) when the trial reached the fine-tuning stage."""
+    dirs = sorted((results / "tune").glob(f"*_{trial_id}_*"))
+    ckpts = sorted((c for d in dirs for c in d.glob("checkpoint_*")), key=lambda p: p.name)
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoint of trial {trial_id} under {results / 'tune'}")
+    state = torch.load(ckpts[-1] / "state.pt", weights_only=False, map_location="cpu")
+    if state.get("ft"):  # trainable.train.finetune: the heads alone would explain the ImageNet maps
+        return [f["model"] for f in state["ft"]["folds"]]
+    return state["heads"]
+
+
+def _finetuned(states: list[dict]) -> bool:
+    return any(k.startswith("backbone.") for k in states[0])
+
+
+def pick_images(prepared: Prepared, n: int, seed: int = 0) -> np.ndarray:
+    """`n` images taken round-robin over the classes, in a seeded order (deterministic)."""
+    rng = np.random.default_rng(seed)
+    queues = [list(rng.permutation(np.flatnonzero(prepared.labels == c))) for c in range(len(prepared.classes))]
+    picked: list[int] = []
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(int(q.pop(0)))
+    return np.array(picked)
+
+
+def trial_cams(prepared: Prepared, config: dict, heads: list[dict], picks: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(CAM at input size, predicted class, lung mass, edge mass) of each picked image."""
+    config = with_defaults(config)
+    fs = prepared.feature_set(feature_key(config, prepared))
+    fold_of = np.empty(len(prepared.labels), np.int64)
+    for k, (_, va) in enumerate(prepared.folds):
+        fold_of[va] = k
+    size = prepared.settings.input_size
+    lung = prepared.lung_masks[float(config["crop_margin"])]
+    edge = edge_band(size, prepared.settings.edge_band)
+    cams, preds = [], []
+    models: dict[int, Classifier] = {}
+    for i in picks:
+        if _finetuned(heads):  # this fold's fine-tuned backbone: its maps, not the cached ImageNet ones
+            k = int(fold_of[i])
+            if k not in models:
+                models[k] = fold_model(config, fs.maps.shape[1], len(prepared.classes), heads[k])
+            head = models[k].head
+            probs, maps = predict_with_maps(models[k], prepared.image_array()[i:i + 1], fs.preprocessing,
+                                            float(config["crop_margin"]), size)
+            preds.append(int(probs.argmax()))
+            cams.append(normalise_and_resize(gradcam_from_maps(head, maps, torch.tensor([prepared.labels[i]])),
+                                             size)[0].detach().numpy())
+            continue
+        head = Head(fs.maps.shape[1], int(config["hidden"]), len(prepared.classes), float(config["dropout"]))
+        head.load_state_dict(heads[fold_of[i]])
+        maps = torch.from_numpy(fs.maps[i:i + 1].astype(np.float32))
+        preds.append(int(predict_proba(head, maps.mean(dim=(2, 3))).argmax()))
+        target = torch.tensor([prepared.labels[i]])
+        cams.append(normalise_and_resize(gradcam_from_maps(head, maps, target), size)[0].detach().numpy())
+    cams_arr = np.stack(cams)
+    lung_mass, edge_mass = region_masses(cams_arr, lung[picks], edge)
+    return cams_arr, np.array(preds), lung_mass, edge_mass
+
+
+def write_montage(out_png: Path, prepared: Prepared, columns: list[tuple[str, dict, list[dict]]],
+                  n_images: int = 8) -> Path:
+    """A grid: rows = validation images, columns = (title, config, fold heads) of each model."""
+    picks = pick_images(prepared, n_images, prepared.settings.seed)
+    size = prepared.settings.input_size
+    band = max(1, int(np.ceil(size * prepared.settings.edge_band)))
+    fig, axes = plt.subplots(len(picks), len(columns), figsize=(3.1 * len(columns), 3.2 * len(picks)),
+                             squeeze=False)
+    for c, (title, config, heads) in enumerate(columns):
+        config = with_defaults(config)
+        margin = float(config["crop_margin"])
+        cams, preds, lung_mass, edge_mass = trial_cams(prepared, config, heads, picks)
+        for r, i in enumerate(picks):
+            ax = axes[r, c]
+            img = geometry(read_gray(prepared.paths[i], prepared.settings.base_size)[None], margin, size)[0, 0]
+            ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(cams[r], cmap="jet", alpha=0.4, vmin=0, vmax=1)
+            ax.contour(prepared.lung_masks[margin][i], levels=[0.5], colors="lime", linewidths=1.0)
+            ax.add_patch(plt.Rectangle((band - 0.5, band - 0.5), size - 2 * band, size - 2 * band,
+                                       fill=False, ls="--", lw=0.8, ec="white"))
+            truth, pred = prepared.classes[prepared.labels[i]], prepared.classes[preds[r]]
+            ax.set_title(f"{'' if r else title + chr(10)}{prepared.ids[i]}: {truth}→{pred}\n"
+                         f"lung {lung_mass[r]:.2f}  edge {edge_mass[r]:.2f}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle("Grad-CAM (target: true class)\ngreen: lung mask · dashed: edge band", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / len(picks)))
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png

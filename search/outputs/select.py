@@ -1,0 +1,106 @@
+"""`cxrtune select`: the most lung-focused trial whose metric is within Δ of the best.
+
+This is the choice Balvinsson et al. made by hand (InceptionResNetV2 at 97.2% over VGG19 at 98.0%,
+because its Grad-CAM evidence lay on lung tissue), made a rule: among finished trials with
+best_<metric> ≥ max − within, take the highest best_lung_mass (ties: lower edge mass).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from search.outputs.evidence import fold_heads, write_montage
+from search.outputs.heldout import search_dataset
+from search.outputs.results import SweepError, atomic_write_text
+from search.space import SweepSpec
+from trainable.data.dataset import load_dataset
+from trainable.export import export_model
+from trainable.models.features import FeatureKey
+from trainable.prepare import Prepared, prepare_local
+
+
+def select_trial(trials: pd.DataFrame, metric: str, within: float) -> pd.Series:
+    if not 0 <= within <= 1:
+        raise ValueError(f"within must be in [0, 1] (got {within})")
+    col = f"best_{metric}"
+    ok = trials[(trials["status"] == "TERMINATED") & trials[col].notna()]
+    if ok.empty:
+        raise SweepError("no finished trial to select from")
+    near = ok[ok[col] >= ok[col].max() - within - 1e-12]
+    return near.sort_values(["best_lung_mass", "best_edge_mass"], ascending=[False, True]).iloc[0]
+
+
+def metric_best(trials: pd.DataFrame, metric: str) -> pd.Series:
+    ok = trials[trials["status"] == "TERMINATED"]
+    return ok.loc[ok[f"best_{metric}"].idxmax()]
+
+
+def load_sweep(results: Path) -> tuple[SweepSpec, pd.DataFrame, dict]:
+    space_json = results / "space.json"
+    if not (results / "trials.csv").is_file() or not space_json.is_file():
+        raise SweepError(f"{results} is not a finished sweep (trials.csv and space.json are needed)")
+    saved = json.loads(space_json.read_text())
+    trials = pd.read_csv(results / "trials.csv", dtype={"trial_id": str})  # hex ids like 12e45678
+    return SweepSpec.model_validate(saved["spec"]), trials, saved
+
+
+def local_prepared(results: Path, spec: SweepSpec, saved: dict, rows: list[pd.Series],
+                   log: Callable[[str], None]) -> Prepared:
+    """Recompute, in this process, only the features the given trials need."""
+    dataset = load_dataset(saved["data"], spec.task, saved.get("data_format", "auto"))
+    dataset = search_dataset(results, spec, dataset)  # never the held-out patients (heldout.json)
+    keys = [FeatureKey(r["backbone"] if "backbone" in r else spec.choices("backbone")[0],
+                       str(r["weights"]) if "weights" in r else str(spec.choices("weights")[0]),
+                       float(r["crop_margin"]) if "crop_margin" in r else float(spec.choices("crop_margin")[0]),
+                       spec.input_size) for r in rows]
+    augments = {str(r["augment"]) if "augment" in r else str(spec.choices("augment")[0]) for r in rows}
+    return prepare_local(dataset, spec.settings(), keys, augments, progress=log)
+
+
+def trial_config(row: pd.Series, spec: SweepSpec) -> dict:
+    return {k: (row[k].item() if hasattr(row[k], "item") else row[k]) for k in spec.space}
+
+
+def export_selection(results: Path, within: float | None = None, metric: str | None = None,
+                     prepared: Prepared | None = None, log: Callable[[str], None] = print) -> Path:
+    """Write `selected/` (model + metadata, with a Grad-CAM montage) and `gradcam_comparison.png`."""
+    spec, trials, saved = load_sweep(results)
+    metric = metric or spec.objective.metric
+    within = spec.select_within if within is None else within
+    chosen = select_trial(trials, metric, within)
+    by_metric = metric_best(trials, metric)
+    best = trials[trials["status"] == "TERMINATED"].iloc[0]  # trials.csv is sorted by objective
+    if prepared is None:
+        prepared = local_prepared(results, spec, saved, [chosen, by_metric, best], log)
+    metrics = {k.removeprefix("best_"): float(chosen[k]) for k in chosen.index
+               if k.startswith("best_") and k != "best_epoch" and pd.notna(chosen[k])}
+    out = export_model(results / "selected", trial_config(chosen, spec), prepared, int(chosen["best_epoch"]),
+                       metrics | {"trial_id": chosen["trial_id"], "selected_by":
+                                  f"highest lung_mass with {metric} within {within} of the best"})
+    atomic_write_text(results / "selection.json", json.dumps({
+        "metric": metric, "within": within, "selected": chosen["trial_id"],
+        "metric_best": by_metric["trial_id"], "objective_best": best["trial_id"],
+        "selected_metric": float(chosen[f"best_{metric}"]), "selected_lung_mass": float(chosen["best_lung_mass"]),
+        "selected_edge_mass": float(chosen["best_edge_mass"]),
+        "metric_best_metric": float(by_metric[f"best_{metric}"]),
+        "metric_best_lung_mass": float(by_metric["best_lung_mass"]),
+        "metric_best_edge_mass": float(by_metric["best_edge_mass"])}, indent=2))
+    roles: dict[str, list[str]] = {}
+    rows = {}
+    for role, row in (("metric-best", by_metric), ("selected", chosen), ("objective-best", best)):
+        roles.setdefault(row["trial_id"], []).append(role)
+        rows[row["trial_id"]] = row
+    column = {tid: (f"{' + '.join(r)} {tid}", trial_config(rows[tid], spec), fold_heads(results, tid))
+              for tid, r in roles.items()}
+    write_montage(results / "gradcam_comparison.png", prepared, list(column.values()))
+    write_montage(out / "gradcam.png", prepared, [column[chosen["trial_id"]]])
+    if (results / "best").is_dir():
+        write_montage(results / "best" / "gradcam.png", prepared, [column[best["trial_id"]]])
+    log(f"selected trial {chosen['trial_id']} ({metric} {chosen[f'best_{metric}']:.3f}, lung mass "
+        f"{chosen['best_lung_mass']:.3f}, edge mass {chosen['best_edge_mass']:.3f}); metric-best "
+        f"{by_metric['trial_id']} ({metric} {by_metric[f'best_{metric}']:.3f}, lung mass "
+        f"{by_metric['best_lung_mass']:.3f}, edge mass {by_metric['best_edge_mass']:.3f}) → {out}")
+    return out

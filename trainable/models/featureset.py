@@ -1,0 +1,36 @@
+"""What a feature cache entry is: its key and the arrays every head-stage trial reads.
+
+Kept apart from `trainable.models.features` (which builds backbones, and so imports timm and
+torchvision) so that a trial process, which only reads feature sets, starts without those.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    backbone: str
+    weights: str
+    crop_margin: float
+    input_size: int
+
+    def __str__(self) -> str:
+        return f"{self.backbone}|{self.weights}|crop={self.crop_margin:g}|{self.input_size}px"
+
+
+@dataclass
+class FeatureSet:
+    """Features of every image for one FeatureKey."""
+
+    key: FeatureKey
+    maps: np.ndarray                          # float16 (N, F, h, w): view 0, unaugmented
+    pooled: dict[str, np.ndarray]             # policy -> float32 (V, N, F); [0] is view 0 for every policy
+    preprocessing: dict
+    target_layer: str
+    weights_info: dict
+    seconds: float = 0.0
+    images_through_backbone: int = 0
+    extra: dict = field(default_factory=dict)

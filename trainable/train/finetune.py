@@ -1,0 +1,381 @@
+"""The fine-tuning stage: backbone + head per fold on the decoded images, after the head epochs.
+
+`run_trial` calls `run_finetune` when `ft_epochs` > 0. Each fold starts from the ImageNet (or
+configured) backbone and the head its head stage trained, and trains both at `ft_lr` (Adam) on
+the decoded images (`Prepared.image_array()`), augmented on the fly by the trial's policy through
+the same geometry code as the feature cache (`trainable.data.images.geometry`). Every ft epoch is
+reported to Tune like a head epoch (`training_iteration` continues; `stage` = "ft"), so ASHA
+gives the expensive stage only to trials that earned it.
+
+Space keys (defaults in `trainable.trial.TRIAL_DEFAULTS`):
+  ft_epochs  int, 0 = no fine-tuning.
+  ft_lr      learning rate of the stage (backbone and head).
+  ft_blocks  "all", or N: only the last N *blocks* of the backbone train. A block is one group
+             of timm's own `group_matcher(coarse=True)` (what timm uses for layer-wise LR decay):
+             the stem, each stage (EfficientNet `blocks.i`, ResNet `layerN`, DenseNet
+             `denseblockN`+`transitionN`, VGG conv groups …) and the final conv/norm. Models
+             without a matcher (torchxrayvision) use the children of their feature sequence.
+  ft_bn      "frozen" (default): every BatchNorm stays in eval mode with its affine parameters
+             frozen: per-fold batches of a few hundred X-rays give noisy batch statistics, and
+             moving the ImageNet running statistics shifts the features the head was trained on
+             (Keras' fine-tuning guide does the same). "train": BN of the trainable blocks
+             uses batch statistics and updates its running statistics and affine parameters.
+  patience   early stopping on each fold's validation loss: a fold stops after `patience` ft
+             epochs without improvement (0 = never); either way each fold ends restored to its
+             best ft epoch (Keras' `restore_best_weights`), and the trial's last report is of
+             the restored models. `ft_epochs_kept` (mean over folds) is what `export` refits.
+
+After each ft epoch the Grad-CAM lung/edge mass is recomputed with the fine-tuned backbone: its
+target-layer maps of the validation images come from the same forward pass as the predictions,
+and the fast formula (`trainable.cam.explain`) is exact for the GAP head on those maps.
+With settings.cam_layer other than `final`, each fold's LayerCam (trainable.cam.camlayer) explains
+the fold's own fine-tuned model at that layer instead, as the head stage does with the frozen one.
+Checkpoints hold each fold's model, optimizer, best state and counters, so a trial resumes mid-stage.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+from torch import nn
+
+from trainable.models.backbones import build_backbone, shared_backbone
+from trainable.cam.camlayer import FINAL, LayerCam
+from trainable.cam.explain import explanation_scores
+from trainable.models.features import FeatureSet, inference_batch_size
+from trainable.models.head import Classifier, Head, class_weights
+from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
+from trainable.cam.explain import edge_band
+from trainable.train.oversample import oversampled_indices
+from trainable.prepare import Prepared
+from trainable.trial import FoldState, cam_targets, fold_metrics, summarise_folds
+
+FT_BN_POLICIES = ("frozen", "train")
+
+
+def _device() -> torch.device:
+    """CUDA when the trial was given a GPU (`gpus_per_trial`), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_BN = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm and timm's BatchNormAct2d
+
+
+def backbone_blocks(model: nn.Module) -> list[list[str]]:
+    """The backbone's parameter names (relative to `Backbone.model`) in blocks, input → output."""
+    body = model.body
+    matcher = getattr(body, "group_matcher", None)
+    if callable(matcher):
+        from timm.models import group_parameters
+
+        groups = group_parameters(body, matcher(coarse=True))
+        blocks = [[f"body.{n}" for n in names] for names in groups.values()]
+    else:  # no timm matcher: descend while there is one child with parameters, then its children
+        prefix, mod = "body", body
+        while True:
+            kids = [(n, c) for n, c in mod.named_children() if any(True for _ in c.parameters())]
+            if len(kids) != 1:
+                break
+            prefix, mod = f"{prefix}.{kids[0][0]}", kids[0][1]
+        blocks = [[f"{prefix}.{n}.{p}" for p, _ in c.named_parameters()] for n, c in kids]
+    return [b for b in blocks if b]
+
+
+def _n_blocks(ft_blocks: object, available: int) -> int:
+    if str(ft_blocks) == "all":
+        return available
+    return max(0, min(int(ft_blocks), available))
+
+
+def set_trainable(model: Classifier, ft_blocks: object, ft_bn: str) -> int:
+    """requires_grad for the head and the last `ft_blocks` blocks; returns the trainable backbone parameters."""
+    blocks = backbone_blocks(model.backbone)
+    n = _n_blocks(ft_blocks, len(blocks))
+    train = {f"backbone.{p}" for b in blocks[len(blocks) - n:] for p in b}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("head.") or name in train)
+    if ft_bn == "frozen":
+        for m in model.backbone.modules():
+            if isinstance(m, _BN):
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(False)
+    return sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+
+
+def train_mode(model: Classifier, ft_bn: str) -> None:
+    """Train mode, except BatchNorm layers that must not move (all of them when `ft_bn` is frozen)."""
+    model.train()
+    for m in model.backbone.modules():
+        if isinstance(m, _BN) and (ft_bn == "frozen" or not any(p.requires_grad for p in m.parameters(False))):
+            m.eval()
+
+
+def model_input(images: np.ndarray, pre: dict, margin: float, input_size: int,
+                params: np.ndarray | None = None) -> torch.Tensor:
+    """uint8 (N, S, S) → normalised (N, C, H, W), channels_last (≈2× faster depthwise convs on CPU)."""
+    x = geometry(images, margin, input_size, params)
+    x = to_model_input(x, pre["in_chans"], tuple(pre["mean"]), tuple(pre["std"]))
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def epoch_params(policy: str, n: int, seed: int, fold: int, epoch: int) -> np.ndarray:
+    """Fresh affine parameters for one ft epoch of one fold (seeded; identity for `none`)."""
+    sub = int(np.random.default_rng([seed, fold, epoch, 7]).integers(2**62))
+    return view_params(AUGMENT_POLICIES[policy], n, sub, 1)
+
+
+class EarlyStopping:
+    """Best-so-far tracker on validation loss: keeps a copy of the best state; `stop` after
+    `patience` epochs without improvement (patience 0: never stops, still keeps the best)."""
+
+    def __init__(self, patience: int) -> None:
+        if patience < 0:
+            raise ValueError(f"patience must be >= 0 (got {patience})")
+        self.patience = patience
+        self.best_loss = float("inf")
+        self.best_epoch = 0
+        self.best_state: dict | None = None
+        self.bad_epochs = 0
+        self.losses: list[float] = []
+
+    def update(self, loss: float, epoch: int, model: nn.Module) -> bool:
+        """Record epoch `epoch`'s loss; True when it is the best so far (its state is kept)."""
+        self.losses.append(loss)
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.bad_epochs = loss, epoch, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+@dataclass
+class FtFold:
+    model: Classifier
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    early: EarlyStopping
+    stopped: bool = False
+    current: dict = field(default_factory=dict)   # this epoch's validation result
+    best: dict = field(default_factory=dict)      # the best epoch's validation result
+    cam: LayerCam | None = None                   # settings.cam_layer over this fold's own backbone
+
+
+def new_ft_fold(config: dict, fs: FeatureSet, head: Head, seed: int, cam_layer: str = FINAL,
+                input_size: int = 0) -> FtFold:
+    # a copy of the process's one build: K folds don't each read the weights again
+    backbone = copy.deepcopy(shared_backbone(config["backbone"], config["weights"]))
+    # a non-final cam_layer is explained on the model being fine-tuned (same modules), as in the head stage
+    cam = None if cam_layer == FINAL else LayerCam(backbone, cam_layer, float(config["crop_margin"]), input_size)
+    model = Classifier(backbone.model, copy.deepcopy(head))
+    model.to(device=_device(), memory_format=torch.channels_last)
+    set_trainable(model, config["ft_blocks"], config["ft_bn"])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=float(config["ft_lr"]),
+                           weight_decay=float(config["weight_decay"]))
+    return FtFold(model, opt, torch.Generator().manual_seed(seed), EarlyStopping(int(config["patience"])),
+                  cam=cam)
+
+
+def fold_model(config: dict, num_features: int, n_classes: int, state: dict) -> Classifier:
+    """A fold's fine-tuned model (eval, CPU) from its checkpointed state dict (`state["ft"]["folds"][k]["model"]`)."""
+    backbone = build_backbone(config["backbone"], "random")  # every weight comes from `state`
+    head = Head(num_features, int(config["hidden"]), n_classes, float(config["dropout"]))
+    model = Classifier(backbone.model, head)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def train_ft_epoch(model: Classifier, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                   images: np.ndarray, rows: np.ndarray, y: np.ndarray, config: dict, pre: dict,
+                   input_size: int, params: np.ndarray, weight: torch.Tensor | None) -> float:
+    """One shuffled pass over `rows` (each augmented by its row of `params`); mean training loss."""
+    train_mode(model, config["ft_bn"])
+    order = torch.randperm(len(rows), generator=generator).numpy()
+    bs, total = int(config["batch_size"]), 0.0
+    for s in range(0, len(rows), bs):
+        b = order[s:s + bs]
+        dev = next(model.parameters()).device
+        x = model_input(images[rows[b]], pre, float(config["crop_margin"]), input_size, params[b]).to(dev)
+        target = torch.as_tensor(y[rows[b]]).to(dev)
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), target, weight=None if weight is None else weight.to(dev))
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(b)
+    return total / len(rows)
+
+
+@torch.no_grad()
+def predict_with_maps(model: Classifier, images: np.ndarray, pre: dict, margin: float, input_size: int,
+                      batch_size: int | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """(probabilities, target-layer maps) of unaugmented images: one forward serves both."""
+    model.eval()
+    dev = next(model.parameters()).device
+    batch_size = batch_size or inference_batch_size(dev)
+    probs, maps = [], []
+    for s in range(0, len(images), batch_size):
+        m = model.backbone(model_input(images[s:s + batch_size], pre, margin, input_size).to(dev)).float()
+        probs.append(torch.softmax(model.head(m.mean(dim=(2, 3))), 1).cpu())
+        maps.append(m.cpu().contiguous())
+    return torch.cat(probs).numpy(), torch.cat(maps)
+
+
+def _epoch_rows(config: dict, tr: np.ndarray, y: np.ndarray, seed: int, fold: int,
+                epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows of one ft epoch (minority twice when oversampling) and their augmentations."""
+    rows = oversampled_indices(tr, y)[0] if config["oversample"] else tr
+    return rows, epoch_params(config["augment"], len(rows), seed, fold, epoch)
+
+
+def _validate(ff: FtFold, k: int, images: np.ndarray, prepared: Prepared, fs: FeatureSet, config: dict,
+              train_loss: float) -> dict:
+    s = prepared.settings
+    va = prepared.folds[k][1]
+    y = np.asarray(prepared.labels)
+    lung = prepared.lung_masks[float(config["crop_margin"])][va]
+    probs, maps = predict_with_maps(ff.model, images[va], fs.preprocessing, float(config["crop_margin"]),
+                                    s.input_size)
+    targets = cam_targets(s.cam_target, y[va], probs, prepared.classes)
+    if ff.cam is not None:  # settings.cam_layer: full-model Grad-CAM at that layer of the fine-tuned backbone
+        lung_mass, edge_mass = ff.cam.masses(ff.model.head, images[va], targets, lung,
+                                             edge_band(s.input_size, s.edge_band))
+    else:
+        head = copy.deepcopy(ff.model.head).cpu()  # the exact Grad-CAM formula runs on the CPU maps
+        lung_mass, edge_mass = explanation_scores(head, maps, targets, lung,
+                                                  edge_band(s.input_size, s.edge_band))
+    return {"va": va, "probs": probs, "lung_mass": lung_mass, "edge_mass": edge_mass,
+            "metrics": fold_metrics(prepared, va, probs, lung_mass, edge_mass, float(lung.mean()), train_loss)}
+
+
+def _summarise(prepared: Prepared, results: list[dict]) -> dict:
+    n = len(prepared.labels)
+    per_fold: dict[str, list[float]] = {}
+    oof_probs = np.zeros((n, len(prepared.classes)))
+    oof_lung, oof_edge = np.zeros(n), np.zeros(n)
+    for r in results:
+        oof_probs[r["va"]], oof_lung[r["va"]], oof_edge[r["va"]] = r["probs"], r["lung_mass"], r["edge_mass"]
+        for name, value in r["metrics"].items():
+            per_fold.setdefault(name, []).append(value)
+    return summarise_folds(prepared, per_fold, oof_probs, oof_lung, oof_edge)
+
+
+def _state(folds: list[FtFold], done: int) -> dict:
+    return {"done": done, "folds": [
+        {"model": ff.model.state_dict(), "optimizer": ff.optimizer.state_dict(),
+         "generator": ff.generator.get_state(), "early": vars(ff.early), "stopped": ff.stopped,
+         "current": ff.current, "best": ff.best} for ff in folds]}
+
+
+def _load_state(folds: list[FtFold], state: dict) -> int:
+    for ff, st in zip(folds, state["folds"]):
+        ff.model.load_state_dict(st["model"])
+        ff.optimizer.load_state_dict(st["optimizer"])
+        ff.generator.set_state(st["generator"])
+        vars(ff.early).update(st["early"])
+        ff.stopped, ff.current, ff.best = st["stopped"], st["current"], st["best"]
+    return int(state["done"])
+
+
+def finetune_folds(states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,
+                   on_epoch: Callable[[int, dict, list[FtFold], bool], None] | None = None,
+                   resume: dict | None = None) -> list[FtFold]:
+    """Fine-tune every fold in lockstep for `ft_epochs` (fewer when every fold stopped early).
+
+    `on_epoch(j, metrics, folds, last)` is called after ft epoch j (0-based) with the CV metrics;
+    on the last one every fold is already restored to its best epoch. Returns the folds."""
+    s = prepared.settings
+    images = prepared.image_array()
+    y = np.asarray(prepared.labels)
+    folds = [new_ft_fold(config, fs, st.head, s.seed + 1000 + k, s.cam_layer, s.input_size)
+             for k, st in enumerate(states)]
+    done = _load_state(folds, resume) if resume else 0
+    n_ft = int(config["ft_epochs"])
+    for j in range(done, n_ft):
+        for k, ((tr, _), ff) in enumerate(zip(prepared.folds, folds)):
+            if ff.stopped:
+                continue
+            rows, params = _epoch_rows(config, tr, y, s.seed, k, j)
+            weight = class_weights(y[rows], len(prepared.classes)) if config["class_weighted"] else None
+            loss = train_ft_epoch(ff.model, ff.optimizer, ff.generator, images, rows, y, config,
+                                  fs.preprocessing, s.input_size, params, weight)
+            ff.current = _validate(ff, k, images, prepared, fs, config, loss)
+            if ff.early.update(ff.current["metrics"]["loss"], j + 1, ff.model):
+                ff.best = ff.current
+            if ff.early.stop:  # restored now; its best result stands for it in later epochs
+                ff.stopped = True
+                ff.early.restore(ff.model)
+        last = j == n_ft - 1 or all(ff.stopped for ff in folds)
+        if last:
+            for ff in folds:
+                ff.early.restore(ff.model)
+        metrics = _summarise(prepared, [ff.best if (last or ff.stopped) else ff.current for ff in folds])
+        metrics["ft_epochs_kept"] = float(np.mean([ff.early.best_epoch for ff in folds]))
+        if on_epoch is not None:
+            on_epoch(j, metrics, folds, last)
+        if last:
+            break
+    return folds
+
+
+def run_finetune(states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,
+                 score: Callable[[dict], float], history: list[dict], checkpoint: tune.Checkpoint | None,
+                 restored_from_epoch: int) -> None:
+    """The Tune side of the stage: report every ft epoch (epoch numbers continue) with a checkpoint."""
+    from trainable.trial import _save  # the head-stage checkpoint, extended with the ft state
+
+    resume = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = torch.load(os.path.join(d, "state.pt"), weights_only=False).get("ft")
+    info = {"node_id": ray.get_runtime_context().get_node_id(), "restored_from_epoch": restored_from_epoch,
+            "weights_source": fs.weights_info.get("source", ""),
+            "weights_sha256": fs.weights_info.get("sha256") or "",
+            "cam_grid": "x".join(map(str, fs.maps.shape[2:]))}
+    epochs = prepared.settings.epochs
+
+    def report(j: int, metrics: dict, folds: list[FtFold], last: bool) -> None:
+        metrics["objective"] = float(score(metrics))
+        metrics["epoch"] = epochs + j + 1
+        metrics["stage"] = "ft"
+        if folds[0].cam is not None:  # lung/edge mass came from settings.cam_layer's grid
+            info["cam_grid"] = "x".join(map(str, folds[0].cam.grid))
+        history.append({k: v for k, v in metrics.items() if not k.startswith("fold_") and k != "confusion"})
+        with tempfile.TemporaryDirectory(prefix="cxrtune-ckpt-") as d:
+            ckpt = _save(d, states, epochs, history)
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+            state["ft"] = _state(folds, j + 1)
+            torch.save(state, os.path.join(d, "state.pt"))
+            tune.report(metrics | info, checkpoint=ckpt)
+
+    torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
+    finetune_folds(states, config, prepared, fs, report, resume)
+
+
+def finetune_all(config: dict, prepared: Prepared, fs: FeatureSet, head: Head, n_epochs: int) -> Classifier:
+    """The export refit: fine-tune backbone + `head` on every image for `n_epochs` (no validation)."""
+    s = prepared.settings
+    images = prepared.image_array()
+    y = np.asarray(prepared.labels)
+    ff = new_ft_fold(config, fs, head, s.seed + 1000)
+    everything = np.arange(len(y))
+    for j in range(n_epochs):
+        rows, params = _epoch_rows(config, everything, y, s.seed, 999, j)  # 999: not a CV fold
+        weight = class_weights(y[rows], len(prepared.classes)) if config["class_weighted"] else None
+        train_ft_epoch(ff.model, ff.optimizer, ff.generator, images, rows, y, config, fs.preprocessing,
+                       s.input_size, params, weight)
+    return ff.model.cpu().eval()
