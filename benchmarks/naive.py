@@ -3,7 +3,7 @@
 `run_naive_trial` is what a plain Ray Tune function trainable does with a frozen backbone: it
 builds the backbone, and in every epoch, for every fold, runs it over that fold's training images
 (at the epoch's augmentation view) and validation images (unaugmented) — K × N images per
-trial-epoch — then trains the K heads with the project's own `trainable.trial.run_epoch`. Its
+trial-epoch — then trains the K heads with the project's own `trainable.train.head_stage.run_epoch`. Its
 Grad-CAM (`cam="reference"`, the default) is what such a trainable would call: pytorch-grad-cam's
 `GradCAM` on the full model (backbone → pool → head) at the registry's target layer, one forward
 and backward pass per validation image (`LibraryCam`); `cam="fast"` scores it from the maps this
@@ -36,8 +36,9 @@ from trainable.models.features import FeatureKey, FeatureSet, feature_maps, infe
 from trainable.models.head import Classifier
 from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
 from trainable.prepare import Prepared
-from trainable.trial import (FoldState, _save, cached_scoring, feature_key, new_fold_state, run_epoch, train_view,
-                             with_defaults)
+from trainable.shared import with_defaults
+from trainable.train.checkpoint import save_checkpoint
+from trainable.train.head_stage import FoldState, cached_scoring, new_fold_state, run_epoch, train_view
 
 Epochs = Iterator[tuple[dict, list[FoldState]]]
 
@@ -117,7 +118,7 @@ def naive_epochs(config: dict, prepared: Prepared, images: np.ndarray | None = N
         raise ValueError(f"cam must be 'reference' or 'fast' (got {cam!r})")
     config = with_defaults(config)
     images = prepared.image_array() if images is None else images
-    key = feature_key(config, prepared)
+    key = FeatureKey.of(config, prepared.settings.input_size)
     # the backbone first: building it draws from torch's global RNG, which the heads' dropout uses
     backbone = build_backbone(key.backbone, key.weights)
     library = LibraryCam(backbone, key) if cam == "reference" else None
@@ -137,7 +138,7 @@ def naive_epochs(config: dict, prepared: Prepared, images: np.ndarray | None = N
 def cached_epochs(config: dict, prepared: Prepared) -> Epochs:
     """Per-epoch metrics of one trial on the cached features: `run_trial`'s loop without Ray."""
     config = with_defaults(config)
-    fs = prepared.feature_set(feature_key(config, prepared))
+    fs = prepared.features_for(config)
     states = [new_fold_state(config, fs.maps.shape[1], len(prepared.classes), prepared.settings.seed + k)
               for k in range(len(prepared.folds))]
     scoring = cached_scoring(config, prepared, fs)
@@ -157,6 +158,6 @@ def run_naive_trial(config: dict, prepared: Prepared, score: Callable[[dict], fl
         metrics["objective"] = float(score(metrics))
         history.append({k: v for k, v in metrics.items() if not k.startswith("fold_") and k != "confusion"})
         with tempfile.TemporaryDirectory(prefix="cxrtune-naive-ckpt-") as d:
-            tune.report(metrics | {"node_id": node}, checkpoint=_save(d, states, metrics["epoch"], history))
+            tune.report(metrics | {"node_id": node}, checkpoint=save_checkpoint(d, states, metrics["epoch"], history))
         if epochs is not None and metrics["epoch"] >= epochs:
             return

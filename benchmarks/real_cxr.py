@@ -112,16 +112,15 @@ def task_summary(results: Path, spec, wall_s: float, dest: Path) -> dict:
 
     from search.outputs.heldout import score_model, search_split
     from search.outputs.select import local_prepared, metric_best, trial_config
-    from trainable.data.dataset import load_dataset
+    from search.rundir import load_record, read_history, read_trials, sweep_dataset
     from trainable.export import export_model
 
-    trials = pd.read_csv(results / "trials.csv", dtype={"trial_id": str})
-    history = pd.read_csv(results / "history.csv", dtype={"trial_id": str})
+    trials, history = read_trials(results), read_history(results)
     confusion = json.loads((results / "confusion.json").read_text())
     selection = json.loads((results / "selection.json").read_text())
     test = json.loads((results / "test_metrics.json").read_text())
-    saved = json.loads((results / "space.json").read_text())
-    split = search_split(spec, load_dataset(saved["data"], spec.task, saved.get("data_format", "auto")))
+    saved = load_record(results)
+    split = search_split(spec, sweep_dataset(saved, spec))
     metric = spec.objective.metric
     mb = metric_best(trials, metric)
     roles = {"metric-best": mb["trial_id"], "selected": selection["selected"],

@@ -4,7 +4,7 @@ The same space, data, trial configs and seeds, back to back in one invocation:
 
 * ``lower bound`` — in this process, no Ray: one backbone pass over the unique (backbone, crop,
   view) set (`trainable.models.features.compute_features`), plus the head training and Grad-CAM of every
-  trial (`trainable.trial.run_epoch`), each job timed alone on the threads a trial gets, the sum
+  trial (`trainable.train.head_stage.run_epoch`), each job timed alone on the threads a trial gets, the sum
   divided by the number of jobs that run at once (perfect packing of exactly the necessary work).
 * ``cxrtune`` — the real thing, cold: `trainable.prepare.prepare_sweep` (decode + image cache,
   one feature task per key, disk feature cache in a fresh directory) and a Ray Tune Tuner running
@@ -62,7 +62,8 @@ from trainable.data.dataset import Dataset, load_dataset  # noqa: E402
 from trainable.models.features import FeatureKey  # noqa: E402
 from trainable.data.phantom import synthesize  # noqa: E402
 from trainable.prepare import Prepared, Settings, prepare_local, prepare_sweep  # noqa: E402
-from trainable.trial import run_trial, with_defaults  # noqa: E402
+from trainable.shared import with_defaults  # noqa: E402
+from trainable.trial import run_trial  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cxr-real"
 GiB = 1024 ** 3

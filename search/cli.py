@@ -186,7 +186,7 @@ def resume(
 ) -> None:
     """Continue a stopped sweep: unfinished and errored trials resume from their last checkpoints."""
     _private_local_ray(address)
-    from search.durable import resume_sweep
+    from search.sweep import resume_sweep
 
     with _resumable():
         resume_sweep(results, address=address, log=lambda m: console.print(m, markup=False, highlight=False))

@@ -9,27 +9,21 @@
   143 and `cxrtune resume RESULTS` picks it up. While the sweep runs, `trials.csv` lists every
   trial that has ended so far; it is rewritten atomically (temp file + rename), so a killed
   driver leaves the previous complete version, never a torn one.
-* **Resume.** `resume_sweep` rebuilds the trainable exactly as the run did (spec from
-  `space.json`, the same data, checked by content hash, `prepare`), restores the Tuner with
-  unfinished and errored trials resumed from their last checkpoints, and writes the results as
-  a finished run does.
+* **Resume.** `search.sweep.resume_sweep` rebuilds the trainable exactly as the run did and
+  restores the Tuner from `experiment_path`.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterator
 
-import pandas as pd
-from ray import tune
 
-from search.outputs.results import SweepError, atomic_write_text, trial_rows
+from search.rundir import SweepError
 
 REPORT_SKIP = {"data", "tune"}  # not copied to --storage with the report files
 
@@ -134,98 +128,3 @@ def graceful_stop() -> Iterator[SimpleNamespace]:
         yield state
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-# ------------------------------------------------------------------------ live trials.csv
-
-class LiveTrials(tune.Callback):
-    """Rewrites `RESULTS/trials.csv` (atomically) each time a trial ends, so a stopped or killed
-    sweep still shows what finished; the final table (`search.outputs.results.write_results`) replaces it.
-
-    Rows come from the same `trial_rows` as the final table. The history of running trials is
-    part of Tune's experiment snapshot (`get_state`), so a resumed trial's row covers all its
-    epochs; rows already in the file are kept."""
-
-    def __init__(self, results: Path, epochs: int) -> None:
-        self.results, self.epochs = Path(results), epochs
-        self.history: dict[str, list[dict]] = {}
-
-    def get_state(self) -> dict | None:
-        return {"history": self.history} if self.history else None
-
-    def set_state(self, state: dict) -> None:
-        self.history = dict(state.get("history", {}))
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        keep = {k: v for k, v in result.items() if k != "config" and not k.startswith("fold_")}
-        rows = [r for r in self.history.get(trial.trial_id, [])
-                if r.get("training_iteration") != keep.get("training_iteration")]
-        self.history[trial.trial_id] = rows + [keep]
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._ended(trial, error=None)
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._ended(trial, error=f"trial failed (see {trial.path})")
-
-    def _ended(self, trial, error: str | None) -> None:
-        rows = self.history.pop(trial.trial_id, [])
-        ended = SimpleNamespace(metrics={"trial_id": trial.trial_id}, config=dict(trial.config),
-                                path=trial.path, error=error,
-                                metrics_dataframe=pd.DataFrame(rows) if rows else None)
-        try:
-            self._merge(trial_rows([ended], self.epochs))
-        except Exception as e:  # noqa: BLE001 - the live table is a convenience, never a reason to fail
-            print(f"warning: live trials.csv not updated ({type(e).__name__}: {e})")
-
-    def _merge(self, df: pd.DataFrame) -> None:
-        path = self.results / "trials.csv"
-        if path.is_file():
-            before = pd.read_csv(path, dtype={"trial_id": str}, float_precision="round_trip")
-            df = pd.concat([before[~before["trial_id"].isin(df["trial_id"])], df], ignore_index=True)
-        if "best_objective" in df:
-            df = df.sort_values("best_objective", ascending=False, na_position="last")
-        atomic_write_text(path, df.reset_index(drop=True).to_csv(index=False))
-
-
-# ---------------------------------------------------------------------------------- resume
-
-def load_record(results: Path) -> dict:
-    space_json = results / "space.json"
-    if not space_json.is_file():
-        raise SweepError(f"{results} is not a cxrtune results directory (no space.json)")
-    return json.loads(space_json.read_text())
-
-
-def resume_sweep(results: str | Path, *, address: str | None = None,
-                 log: Callable[[str], None] = print) -> Path:
-    """Continue a stopped or crashed sweep in place: unfinished and errored trials resume from
-    their last checkpoints, finished ones are kept as they are, then the results are written."""
-    from search.outputs.heldout import check_split, search_split
-    from search.space import SweepSpec
-    from search.sweep import finish_sweep, make_trainable, prepare, start_ray
-    from trainable.data.dataset import load_dataset
-
-    t_start = time.time()
-    results = Path(results).expanduser().resolve()
-    record = load_record(results)
-    spec = SweepSpec.model_validate(record["spec"])
-    storage = record.get("storage")
-    path = record.get("tune_path") or experiment_path(results, storage)
-    if not tune.Tuner.can_restore(path):
-        raise SweepError(f"nothing to resume at {path}: the sweep stopped before Tune saved its state; "
-                         f"start it again with `cxrtune run`")
-    dataset = load_dataset(record["data"], spec.task, record.get("data_format", "auto"))
-    if record.get("data_hash") and dataset.content_hash() != record["data_hash"]:
-        raise SweepError(f"data at {record['data']} changed since the sweep started "
-                         f"(content hash {dataset.content_hash()} != {record['data_hash']}); not resuming")
-    split = search_split(spec, dataset, log)  # the same held-out patients as the run (checked)
-    check_split(results, split)
-    dataset = split.search
-    start_ray(address, log)
-    prepared = prepare(spec, dataset, log)
-    log(f"resuming {path} (unfinished and errored trials continue from their last checkpoints)")
-    tuner = tune.Tuner.restore(path, trainable=make_trainable(spec, prepared),
-                               resume_unfinished=True, resume_errored=True)
-    return finish_sweep(results, spec, Path(record.get("space_file", "")), dataset, prepared, tuner,
-                        t_start=t_start, storage=storage, log=log, split=split)

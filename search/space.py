@@ -29,8 +29,7 @@ from trainable.cam.camlayer import describe_cam_layers, valid_cam_layers
 from trainable.data.dataset import TASKS
 from trainable.errors import CxrtuneError
 from trainable.data.images import AUGMENT_POLICIES
-from trainable.prepare import Settings
-from trainable.trial import TRIAL_DEFAULTS
+from trainable.shared import TRIAL_DEFAULTS, Settings
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
 METRICS = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "worst_group_accuracy", "within_group_auc")

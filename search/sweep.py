@@ -1,7 +1,9 @@
-"""Run a sweep: space file + data → Ray Tune (OptunaSearch + ASHA) → results directory.
+"""Run a sweep: space file + data → Ray Tune (OptunaSearch + ASHA) → results directory; resume one.
 
 The driver validates everything first (space, data, folds, weights), then prepares the shared
 arrays once (`trainable.prepare`), then hands `trainable.trial.run_trial` to a Tuner.
+`resume_sweep` rebuilds the same trainable from the results directory (`search.rundir`) and
+restores the Tuner (`search.durable`: where the experiment lives, SIGTERM).
 """
 from __future__ import annotations
 
@@ -16,17 +18,20 @@ from typing import Callable
 import ray
 from ray import tune
 
-from search.outputs.heldout import score_heldout, search_split, write_split
+from search.outputs.heldout import check_split, score_heldout, search_split, write_split
 from search.objective import make_score
 from search.searcher import search_algorithms
+from search.callbacks.live import LiveTrials
 from search.callbacks.progress import ProgressLine
 from search.report.html import cluster_hardware, write_report
-from search.durable import (LiveTrials, SweepInterrupted, graceful_stop, is_uri, mirror_checkpoints,
-                           publish_results, tune_location)
-from search.outputs.results import SweepError, atomic_write_text, write_results
+from search.durable import (SweepInterrupted, experiment_path, graceful_stop, is_uri, mirror_checkpoints,
+                            publish_results, tune_location)
+from search.outputs.results import write_results
+from search.rundir import SweepError, load_record, sweep_dataset
 from search.outputs.select import export_selection
 from search.space import SpaceError, SweepSpec, Synthetic, tune_param_space
 from search.callbacks.trackers import tracker_callbacks
+from trainable.atomic import atomic_write_text
 from trainable.data.confounding import confounding_report
 from trainable.data.dataset import Dataset, load_dataset
 from trainable.models.features import FeatureKey
@@ -66,7 +71,7 @@ def resolve_data(spec: SweepSpec, data: str | None, results: Path, log: Callable
 
 
 def feature_keys(spec: SweepSpec) -> list[FeatureKey]:
-    return [FeatureKey(b, str(w), float(m), spec.input_size) for b, w, m in
+    return [FeatureKey.of({"backbone": b, "weights": w, "crop_margin": m}, spec.input_size) for b, w, m in
             product(spec.choices("backbone"), spec.choices("weights"), spec.choices("crop_margin"))]
 
 
@@ -154,6 +159,38 @@ def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
     tuner = make_tuner(spec, prepared, results, log, callbacks=trackers, storage=storage)
     return finish_sweep(results, spec, space_file, dataset, prepared, tuner, t_start=t_start,
                         storage=storage, log=log, split=split)
+
+
+def resume_sweep(results: str | Path, *, address: str | None = None,
+                 log: Callable[[str], None] = print) -> Path:
+    """Continue a stopped or crashed sweep in place: unfinished and errored trials resume from
+    their last checkpoints, finished ones are kept as they are, then the results are written.
+
+    The trainable is rebuilt exactly as the run did: spec from `space.json`, the same data (checked
+    by content hash), the same held-out split, `prepare`."""
+    t_start = time.time()
+    results = Path(results).expanduser().resolve()
+    record = load_record(results)
+    spec = SweepSpec.model_validate(record["spec"])
+    storage = record.get("storage")
+    path = record.get("tune_path") or experiment_path(results, storage)
+    if not tune.Tuner.can_restore(path):
+        raise SweepError(f"nothing to resume at {path}: the sweep stopped before Tune saved its state; "
+                         f"start it again with `cxrtune run`")
+    dataset = sweep_dataset(record, spec)
+    if record.get("data_hash") and dataset.content_hash() != record["data_hash"]:
+        raise SweepError(f"data at {record['data']} changed since the sweep started "
+                         f"(content hash {dataset.content_hash()} != {record['data_hash']}); not resuming")
+    split = search_split(spec, dataset, log)  # the same held-out patients as the run (checked)
+    check_split(results, split)
+    dataset = split.search
+    start_ray(address, log)
+    prepared = prepare(spec, dataset, log)
+    log(f"resuming {path} (unfinished and errored trials continue from their last checkpoints)")
+    tuner = tune.Tuner.restore(path, trainable=make_trainable(spec, prepared),
+                               resume_unfinished=True, resume_errored=True)
+    return finish_sweep(results, spec, Path(record.get("space_file", "")), dataset, prepared, tuner,
+                        t_start=t_start, storage=storage, log=log, split=split)
 
 
 def finish_sweep(results: Path, spec: SweepSpec, space_file: Path, dataset: Dataset, prepared: Prepared,

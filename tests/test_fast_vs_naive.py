@@ -15,7 +15,7 @@ from trainable.data.dataset import load_dataset
 from trainable.models.features import FeatureKey
 from trainable.data.phantom import synthesize
 from trainable.prepare import Settings, prepare_local
-from trainable.trial import with_defaults
+from trainable.shared import with_defaults
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.naive import cached_epochs, naive_epochs  # noqa: E402

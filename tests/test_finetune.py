@@ -21,13 +21,16 @@ from trainable.data.dataset import load_dataset
 from trainable.cam.explain import explanation_scores
 from trainable.export import export_model, load_model
 from trainable.models.features import FeatureKey
-from trainable.train.finetune import (EarlyStopping, _state, backbone_blocks, finetune_folds, predict_with_maps,
+from trainable.train.finetune import (EarlyStopping, backbone_blocks, finetune_folds, predict_with_maps,
                                 set_trainable)
 from trainable.models.head import Classifier, Head
 from trainable.cam.explain import edge_band
 from trainable.data.phantom import synthesize
 from trainable.prepare import Settings, prepare_local
-from trainable.trial import _save, cam_targets, new_fold_state, run_epoch, with_defaults
+from trainable.shared import with_defaults
+from trainable.train.checkpoint import ft_state, save_checkpoint
+from trainable.train.head_stage import new_fold_state, run_epoch
+from trainable.train.lockstep import cam_targets
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -182,13 +185,10 @@ def test_export_holds_the_finetuned_backbone(prepared, imagenet, tmp_path: Path)
 
 
 def _write_trial_checkpoint(results: Path, trial_id: str, states, folds, epochs: int) -> None:
-    """The checkpoint `run_finetune` reports after its last ft epoch (trainable.trial._save + state["ft"])."""
+    """The checkpoint `run_finetune` reports after its last ft epoch (trainable.train.checkpoint.save_checkpoint with ft_state)."""
     d = results / "tune" / f"run_{trial_id}_00000" / "checkpoint_000001"
     d.mkdir(parents=True)
-    _save(str(d), states, epochs, [])
-    state = torch.load(d / "state.pt", weights_only=False)
-    state["ft"] = _state(folds, 1)
-    torch.save(state, d / "state.pt")
+    save_checkpoint(str(d), states, epochs, [], ft=ft_state(folds, 1))
 
 
 def test_montage_of_a_finetuned_trial_uses_its_finetuned_backbone(prepared, tuned, tmp_path: Path) -> None:

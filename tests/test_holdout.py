@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from search.outputs.heldout import check_split, search_split
-from search.outputs.results import SweepError
+from search.rundir import SweepError
 from search.space import SpaceError, load_space
 from tests.conftest import cxrtune, write_manifest_dataset
 from trainable.data.dataset import load_dataset

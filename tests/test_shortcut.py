@@ -18,7 +18,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from search.objective import objective_score
-from search.outputs.select import load_sweep, local_prepared, trial_config
+from search.outputs.select import local_prepared, trial_config
+from search.rundir import load_sweep
 from trainable.data.dataset import load_dataset
 from trainable.export import export_model, load_model
 from trainable.data.images import decode_images, geometry, to_model_input

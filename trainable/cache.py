@@ -45,12 +45,13 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from trainable.atomic import atomic_dir
 
 try:  # POSIX; elsewhere builds are not deduplicated (still correct: the rename is atomic)
     import fcntl
@@ -210,9 +211,7 @@ class DiskCache:
         return Entry(arrays, info, digests, True, path, 0.0)
 
     def _write(self, path: Path, arrays: dict[str, np.ndarray], info: dict, description: dict) -> dict[str, str]:
-        tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        with atomic_dir(path) as tmp:
             records, digests = {}, {}
             for name, a in arrays.items():
                 a = np.ascontiguousarray(a)
@@ -225,12 +224,6 @@ class DiskCache:
             meta = {"kind": self.kind, "format": FORMAT, "description": description, "arrays": records,
                     "info": info, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-            if path.exists():  # a corrupt entry that could not be deleted, or a lock-less race
-                shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return digests
 
 

@@ -12,23 +12,22 @@ ft epochs the trial's folds kept, and model.pt holds the fine-tuned backbone.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from trainable.atomic import atomic_dir
 from trainable.models.backbones import build_backbone
 from trainable.models.features import FeatureSet
 from trainable.models.head import Classifier, Head, class_weights, train_one_epoch
 from trainable.data.images import geometry, read_gray, to_model_input
-from trainable.prepare import Prepared
+from trainable.shared import Prepared
 from trainable.train.finetune import finetune_all
 from trainable.train.oversample import oversampled_rows
-from trainable.trial import feature_key, new_fold_state, train_view, with_defaults
+from trainable.shared import with_defaults
+from trainable.train.head_stage import new_fold_state, train_view
 
 
 def refit_head(config: dict, prepared: Prepared, fs: FeatureSet, epochs: int) -> Head:
@@ -64,7 +63,7 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
                  metrics: dict) -> Path:
     """Refit and write `out_dir` atomically (a temp dir renamed into place)."""
     config = with_defaults(config)
-    fs = prepared.feature_set(feature_key(config, prepared))
+    fs = prepared.features_for(config)
     n_ft = ft_epochs_to_refit(config, prepared, epochs, metrics)
     head = refit_head(config, prepared, fs, max(1, min(epochs, prepared.settings.epochs)))
     backbone = build_backbone(config["backbone"], config["weights"])
@@ -92,13 +91,9 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
         "data_hash": prepared.data_hash,
     }
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    torch.save(model.state_dict(), tmp / "model.pt")
-    (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=_json_default))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=_json_default))
     return out
 
 

@@ -1,4 +1,5 @@
-"""What every trial of a sweep shares: the sweep-wide settings and the prepared arrays.
+"""What every trial of a sweep shares: the trial config's keys, the sweep-wide settings and the
+prepared arrays.
 
 `trainable.prepare` builds a `Prepared`; trials receive it through the object store. It lives in
 this small module so that unpickling it in a trial process imports numpy and ray only (not the
@@ -12,6 +13,36 @@ import numpy as np
 import ray
 
 from trainable.models.featureset import FeatureKey, FeatureSet
+
+
+# search-space keys a trial understands, with their defaults
+TRIAL_DEFAULTS: dict[str, object] = {
+    "backbone": "efficientnet_lite0",
+    "weights": "imagenet",
+    "hidden": 256,
+    "dropout": 0.2,
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "batch_size": 32,
+    "augment": "none",
+    "crop_margin": 0.0,
+    "class_weighted": True,
+    "oversample": False,      # minority class twice per epoch, the copy augmented (trainable.train.oversample)
+    # fine-tuning stage after the head epochs (trainable.train.finetune); ft_epochs 0 = none
+    "ft_epochs": 0,
+    "ft_lr": 1e-5,
+    "ft_blocks": "all",       # "all" or N: the last N blocks of the backbone train (finetune.backbone_blocks)
+    "ft_bn": "frozen",        # "frozen": BatchNorm in eval mode, affine frozen; "train": updated
+    "patience": 0,            # ft early stopping on per-fold validation loss; 0 = off (best epoch still restored)
+}
+
+
+def with_defaults(config: dict) -> dict:
+    """`config` completed with TRIAL_DEFAULTS; an unknown key is an error."""
+    unknown = set(config) - set(TRIAL_DEFAULTS)
+    if unknown:
+        raise KeyError(f"unknown trial config key(s): {sorted(unknown)}")
+    return {**TRIAL_DEFAULTS, **config}
 
 
 @dataclass(frozen=True)
@@ -57,6 +88,10 @@ class Prepared:
     def feature_set(self, key: FeatureKey) -> FeatureSet:
         value = self.features[str(key)]
         return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+    def features_for(self, config: dict) -> FeatureSet:
+        """The feature set a trial config trains on."""
+        return self.feature_set(FeatureKey.of(config, self.settings.input_size))
 
     def image_array(self) -> np.ndarray:
         """The decoded images, read-only and zero-copy from the object store (trials that run a backbone)."""

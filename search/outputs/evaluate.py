@@ -26,6 +26,7 @@ import torch
 from sklearn.metrics import (accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support,
                              roc_auc_score)
 
+from trainable.atomic import atomic_write_text
 from trainable.data.dataset import TASKS, Dataset, load_dataset
 from trainable.errors import DataError
 from trainable.cam.explain import explanation_scores
@@ -203,10 +204,7 @@ def report_lines(result: dict) -> list[str]:
 def write_json(result: dict, out: str | Path) -> Path:
     """`result` as strict JSON (NaN → null), written atomically."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(json_safe(result), indent=2, allow_nan=False))
     return out
 
 

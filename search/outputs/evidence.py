@@ -17,13 +17,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from trainable.atomic import atomic_file  # noqa: E402
 from trainable.cam.explain import gradcam_from_maps, normalise_and_resize, region_masses  # noqa: E402
 from trainable.train.finetune import fold_model, predict_with_maps  # noqa: E402
 from trainable.models.head import Classifier, Head, predict_proba  # noqa: E402
 from trainable.data.images import geometry, read_gray  # noqa: E402
 from trainable.cam.explain import edge_band  # noqa: E402
-from trainable.prepare import Prepared  # noqa: E402
-from trainable.trial import feature_key, with_defaults  # noqa: E402
+from trainable.shared import Prepared  # noqa: E402
+from trainable.shared import with_defaults  # noqa: E402
+from trainable.train.checkpoint import fold_models, read_checkpoint  # noqa: E402
 
 
 def fold_heads(results: Path, trial_id: str) -> list[dict]:
@@ -33,10 +35,8 @@ def fold_heads(results: Path, trial_id: str) -> list[dict]:
     ckpts = sorted((c for d in dirs for c in d.glob("checkpoint_*")), key=lambda p: p.name)
     if not ckpts:
         raise FileNotFoundError(f"no checkpoint of trial {trial_id} under {results / 'tune'}")
-    state = torch.load(ckpts[-1] / "state.pt", weights_only=False, map_location="cpu")
-    if state.get("ft"):  # trainable.train.finetune: the heads alone would explain the ImageNet maps
-        return [f["model"] for f in state["ft"]["folds"]]
-    return state["heads"]
+    # after fine-tuning, the heads alone would explain the ImageNet maps: fold_models gives the whole models
+    return fold_models(read_checkpoint(ckpts[-1]))
 
 
 def _finetuned(states: list[dict]) -> bool:
@@ -59,7 +59,7 @@ def trial_cams(prepared: Prepared, config: dict, heads: list[dict], picks: np.nd
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(CAM at input size, predicted class, lung mass, edge mass) of each picked image."""
     config = with_defaults(config)
-    fs = prepared.feature_set(feature_key(config, prepared))
+    fs = prepared.features_for(config)
     fold_of = np.empty(len(prepared.labels), np.int64)
     for k, (_, va) in enumerate(prepared.folds):
         fold_of[va] = k
@@ -117,9 +117,7 @@ def write_montage(out_png: Path, prepared: Prepared, columns: list[tuple[str, di
             ax.axis("off")
     fig.suptitle("Grad-CAM (target: true class)\ngreen: lung mask · dashed: edge band", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / len(picks)))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_file(out_png) as f:
+        fig.savefig(f, dpi=80, format="png")
     plt.close(fig)
-    tmp.replace(out_png)
     return out_png

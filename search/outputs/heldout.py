@@ -18,7 +18,8 @@ import numpy as np
 
 from search.outputs.evaluate import evaluate_dataset, json_safe
 from search.report.heldout_section import ROLES, heldout_markdown
-from search.outputs.results import SweepError, atomic_write_text
+from search.rundir import SweepError, load_sweep, sweep_dataset
+from trainable.atomic import atomic_write_text
 from search.space import SweepSpec
 from trainable.data.dataset import Dataset
 from trainable.train.groups import group_metrics
@@ -126,15 +127,12 @@ def score_heldout(results: Path, split: Holdout, spec: SweepSpec, log: Callable[
 def rescore_heldout(results: Path, log: Callable[[str], None] = print) -> dict | None:
     """After `cxrtune select` re-exported selected/: score the exported models on the recorded
     held-out patients again (no-op for a sweep without a held-out split)."""
-    from search.outputs.select import load_sweep
-    from trainable.data.dataset import load_dataset
-
     results = Path(results)
     path = results / "heldout.json"
     if not path.is_file() or not json.loads(path.read_text()).get("patient_ids"):
         return None
     spec, _, saved = load_sweep(results)
-    split = search_split(spec, load_dataset(saved["data"], spec.task, saved.get("data_format", "auto")))
+    split = search_split(spec, sweep_dataset(saved, spec))
     check_split(results, split)
     return score_heldout(results, split, spec, log)
 

@@ -6,9 +6,7 @@ a half-written one.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
@@ -18,26 +16,16 @@ import pandas as pd
 from pydantic import BaseModel
 from ray import tune
 
+from trainable.atomic import atomic_write_bytes, atomic_write_text
 from search.searcher import front_note, order_trials
+from search.rundir import SweepError
 from trainable.data.dataset import Dataset
-from trainable.errors import CxrtuneError
 from trainable.export import export_model
 from trainable.prepare import Prepared
-
-class SweepError(CxrtuneError, RuntimeError):
-    """The sweep cannot start or finish (existing results, every trial failed, …)."""
-
 
 REPORTED = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "loss", "lung_mass", "edge_mass",
             "lung_enrichment", "worst_group_accuracy", "within_group_auc", "fold_mean_worst_group_accuracy",
             "objective", "ft_epochs_kept")  # ft_epochs_kept: fine-tuning epochs export refits (trainable.train.finetune)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def trial_rows(result_grid: tune.ResultGrid, epochs: int) -> pd.DataFrame:
@@ -176,10 +164,7 @@ def _write_curves(results: Path, history: pd.DataFrame, best: pd.Series, metric:
     if history.empty or not (history["trial_id"].astype(str) == str(best.trial_id)).any():
         return
     data = curves_plot(history, str(best.trial_id), metric, float(best["best_epoch"]))
-    fd, tmp = tempfile.mkstemp(prefix=".curves.png-", dir=results)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, results / "curves.png")
+    atomic_write_bytes(results / "curves.png", data)
 
 
 def _plain(v: object) -> object:

@@ -14,9 +14,9 @@ import pandas as pd
 
 from search.outputs.evidence import fold_heads, write_montage
 from search.outputs.heldout import search_dataset
-from search.outputs.results import SweepError, atomic_write_text
+from search.rundir import SweepError, load_sweep, sweep_dataset
+from trainable.atomic import atomic_write_text
 from search.space import SweepSpec
-from trainable.data.dataset import load_dataset
 from trainable.export import export_model
 from trainable.models.features import FeatureKey
 from trainable.prepare import Prepared, prepare_local
@@ -38,24 +38,13 @@ def metric_best(trials: pd.DataFrame, metric: str) -> pd.Series:
     return ok.loc[ok[f"best_{metric}"].idxmax()]
 
 
-def load_sweep(results: Path) -> tuple[SweepSpec, pd.DataFrame, dict]:
-    space_json = results / "space.json"
-    if not (results / "trials.csv").is_file() or not space_json.is_file():
-        raise SweepError(f"{results} is not a finished sweep (trials.csv and space.json are needed)")
-    saved = json.loads(space_json.read_text())
-    trials = pd.read_csv(results / "trials.csv", dtype={"trial_id": str})  # hex ids like 12e45678
-    return SweepSpec.model_validate(saved["spec"]), trials, saved
-
-
 def local_prepared(results: Path, spec: SweepSpec, saved: dict, rows: list[pd.Series],
                    log: Callable[[str], None]) -> Prepared:
     """Recompute, in this process, only the features the given trials need."""
-    dataset = load_dataset(saved["data"], spec.task, saved.get("data_format", "auto"))
+    dataset = sweep_dataset(saved, spec)
     dataset = search_dataset(results, spec, dataset)  # never the held-out patients (heldout.json)
-    keys = [FeatureKey(r["backbone"] if "backbone" in r else spec.choices("backbone")[0],
-                       str(r["weights"]) if "weights" in r else str(spec.choices("weights")[0]),
-                       float(r["crop_margin"]) if "crop_margin" in r else float(spec.choices("crop_margin")[0]),
-                       spec.input_size) for r in rows]
+    keys = [FeatureKey.of({k: r[k] if k in r else spec.choices(k)[0] for k in ("backbone", "weights", "crop_margin")},
+                          spec.input_size) for r in rows]
     augments = {str(r["augment"]) if "augment" in r else str(spec.choices("augment")[0]) for r in rows}
     return prepare_local(dataset, spec.settings(), keys, augments, progress=log)
 

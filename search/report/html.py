@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from trainable.atomic import atomic_write_text
 from search.report import plots
+from search.rundir import read_history, read_json, read_trials
 from search.objective import pareto_front  # noqa: F401 - the front is computed there; re-exported
 from search.report.heldout_section import section_heldout
 from trainable.errors import CxrtuneError
@@ -68,14 +69,13 @@ class Sweep:
 
 
 def load_sweep(results: Path) -> Sweep:
+    """What the report shows, from the files alone (`search.rundir`'s readers); optional pieces
+    that are missing stay empty and are said in words, never drawn."""
     results = Path(results)
     if not (results / "trials.csv").is_file():
         raise ReportError(f"{results} is not a sweep's results directory (no trials.csv)")
-    ids = {"trial_id": str}  # hex ids such as 12e45678 must not turn into numbers
-    trials = pd.read_csv(results / "trials.csv", dtype=ids)
-    history = (pd.read_csv(results / "history.csv", dtype=ids) if (results / "history.csv").is_file()
-               else pd.DataFrame(columns=["trial_id", "epoch", "objective"]))
-    summary, space = _json(results / "summary.json"), _json(results / "space.json")
+    trials, history = read_trials(results), read_history(results)
+    summary, space = read_json(results / "summary.json"), read_json(results / "space.json")
     metric = (summary.get("objective") or space.get("spec", {}).get("objective") or {}).get("metric")
     metric = metric or "balanced_accuracy"
     for col in ("status", "stopped_early", "epochs_run", f"best_{metric}", "best_lung_mass",
@@ -84,25 +84,18 @@ def load_sweep(results: Path) -> Sweep:
             trials[col] = {"status": "ERROR", "stopped_early": False}.get(col, np.nan)
     trials["stopped_early"] = trials["stopped_early"].astype(str).str.lower().eq("true")
     sweep = Sweep(results, trials, history, summary, space, metric,
-                  selection=_json(results / "selection.json"),
-                  confusion=_json(results / "confusion.json") if (results / "confusion.json").is_file() else None,
-                  hardware=summary.get("hardware") or _json(results / "hardware.json"))
+                  selection=read_json(results / "selection.json"),
+                  confusion=read_json(results / "confusion.json") if (results / "confusion.json").is_file() else None,
+                  hardware=summary.get("hardware") or read_json(results / "hardware.json"))
     sweep.roles = _roles(sweep)
     return sweep
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def _roles(s: Sweep) -> dict[str, str]:
     """objective-best (best/), metric-best, selected (selected/): where each is recorded."""
     roles: dict[str, str] = {}
     ok = s.finished.dropna(subset=["best_objective"])
-    best_meta = _json(s.root / "best" / "metadata.json").get("cv_metrics", {})
+    best_meta = read_json(s.root / "best" / "metadata.json").get("cv_metrics", {})
     best = best_meta.get("trial_id") or s.selection.get("objective_best") or s.summary.get("best_trial")
     if not best and len(ok):
         best = ok.loc[ok["best_objective"].idxmax(), "trial_id"]
@@ -111,7 +104,7 @@ def _roles(s: Sweep) -> dict[str, str]:
     col = f"best_{s.metric}"
     if ok[col].notna().any():
         roles["metric-best"] = str(ok.loc[ok[col].idxmax(), "trial_id"])
-    selected = (_json(s.root / "selected" / "metadata.json").get("cv_metrics", {}).get("trial_id")
+    selected = (read_json(s.root / "selected" / "metadata.json").get("cv_metrics", {}).get("trial_id")
                 or s.selection.get("selected"))
     if selected:
         roles["selected"] = str(selected)
@@ -592,20 +585,12 @@ def write_report(results: Path, out: Path | None = None, hardware: dict | None =
     """Write `results/report.html` (or `out`) atomically; `hardware` is saved to hardware.json first."""
     results = Path(results)
     if hardware:
-        _atomic_write(results / "hardware.json", json.dumps(hardware, indent=2))
+        atomic_write_text(results / "hardware.json", json.dumps(hardware, indent=2))
     t0 = time.perf_counter()
     page = build_report(results)
     out = Path(out) if out else results / "report.html"
-    _atomic_write(out, page)
+    atomic_write_text(out, page)
     log(f"report: {out} ({len(page) / 1e6:.1f} MB, {time.perf_counter() - t0:.1f}s)")
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Temp file + rename, so a killed run never leaves half a report; readable by all (it is for sharing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)

@@ -27,7 +27,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from trainable.atomic import atomic_file
 from trainable.data.dicom import is_dicom, read_header
 from trainable.errors import DataError
 
@@ -252,15 +252,8 @@ def fit_mask(mask: Path, image: Path) -> Path:
 
 
 def _save_png_atomic(img: Image.Image, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as fh:
+        img.save(fh, format="PNG")
 
 
 # --------------------------------------------------------------------------- ieee8023 covid-chestxray-dataset

@@ -160,13 +160,13 @@ def _reason(e: DataError, path: str) -> str:
 
 def _inspect(path: str, mask_path: str) -> _Image:
     from trainable.data.dicom import is_dicom
-    from trainable.data.images import _open  # the decoder every image of a sweep goes through
+    from trainable.data.images import open_image  # the decoder every image of a sweep goes through
 
     info = _Image()
     if not path:
         return info
     try:
-        img = _open(path, "image")
+        img = open_image(path, "image")
     except DataError as e:
         info.error = _reason(e, path)
         return info
@@ -176,7 +176,7 @@ def _inspect(path: str, mask_path: str) -> _Image:
     info.dhash = difference_hash(img)
     if mask_path:
         try:
-            mask = _open(mask_path, "mask")
+            mask = open_image(mask_path, "mask")
         except DataError as e:
             info.mask_error = _reason(e, mask_path)
             return info

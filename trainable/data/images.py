@@ -51,10 +51,10 @@ def decode_images(dataset: Dataset, base_size: int) -> tuple[np.ndarray, np.ndar
     images = np.empty((n, base_size, base_size), np.uint8)
     masks = np.zeros((n, base_size, base_size), bool)
     for i, (path, mask_path) in enumerate(zip(dataset.table["path"], dataset.table["mask_path"])):
-        img = _open(path, "image")
+        img = open_image(path, "image")
         images[i] = _resized(img, base_size)
         if mask_path:
-            mask = _open(mask_path, "mask")
+            mask = open_image(mask_path, "mask")
             if mask.size != img.size:
                 raise DataError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image "
                                 f"{path} is {img.size[0]}x{img.size[1]}: a mask must match its image")
@@ -65,14 +65,14 @@ def decode_images(dataset: Dataset, base_size: int) -> tuple[np.ndarray, np.ndar
 
 def read_gray(path: str, size: int) -> np.ndarray:
     """One image file as uint8 (size, size) grayscale, decoded exactly as `decode_images` does."""
-    return _resized(_open(path, "image"), size)
+    return _resized(open_image(path, "image"), size)
 
 
 def _resized(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.BILINEAR))
 
 
-def _open(path: str, what: str) -> Image.Image:
+def open_image(path: str, what: str) -> Image.Image:
     if is_dicom(path):  # DICOM: modality LUT, VOI LUT / window, MONOCHROME1 inverted → 8-bit 'L'
         return open_dicom(path, what)
     try:

@@ -24,13 +24,14 @@ import hashlib
 import importlib.util
 import io
 import os
-import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from trainable.atomic import atomic_file
 
 _ZIP_NAME = "semantic_masks_v7labs_lungs.zip"
 _LUNG_LEVEL = 192            # annotation value at or above which a pixel is lung
@@ -130,15 +131,8 @@ def _cache_file(cache_dir: Path | None, stem: str) -> Path:
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
     """Write ``array`` as .npy so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        np.save(fh, array)
 
 
 def _load_cached(path: Path) -> np.ndarray | None:

@@ -40,7 +40,6 @@ import csv
 import functools
 import math
 import os
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from trainable.atomic import atomic_file
 from trainable.data.lungs import load_lung_masks
 
 KNOWN_CLASSES = ("normal", "covid", "pneumonia")
@@ -562,22 +562,15 @@ def _marker_plan(labels: list[str], shortcut: float, seed: int) -> list[str | No
 
 def _write_png(path: Path, array: np.ndarray) -> None:
     """8-bit grayscale PNG via a temporary file, so no half-written image is left behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG", compress_level=1)   # noise barely compresses
-    os.replace(tmp, path)
+    with atomic_file(path) as fh:
+        Image.fromarray(array).save(fh, format="PNG", compress_level=1)   # noise barely compresses
 
 
 def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, text=True, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def synthesize(out: Path, n_patients: int = 60, size: int = 256, shortcut: float = 0.0,

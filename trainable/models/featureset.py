@@ -5,7 +5,9 @@ torchvision) so that a trial process, which only reads feature sets, starts with
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +21,12 @@ class FeatureKey:
 
     def __str__(self) -> str:
         return f"{self.backbone}|{self.weights}|crop={self.crop_margin:g}|{self.input_size}px"
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any], input_size: int) -> FeatureKey:
+        """The key of a trial config (its backbone, weights and crop) at the sweep's input size."""
+        return cls(backbone=str(config["backbone"]), weights=str(config["weights"]),
+                   crop_margin=float(config["crop_margin"]), input_size=int(input_size))
 
 
 @dataclass

@@ -1,13 +1,14 @@
 """The fine-tuning stage: backbone + head per fold on the decoded images, after the head epochs.
 
-`run_trial` calls `run_finetune` when `ft_epochs` > 0. Each fold starts from the ImageNet (or
+`run_trial` runs `FtStage` through the lockstep engine (`trainable.train.lockstep`) when
+`ft_epochs` > 0. Each fold starts from the ImageNet (or
 configured) backbone and the head its head stage trained, and trains both at `ft_lr` (Adam) on
 the decoded images (`Prepared.image_array()`), augmented on the fly by the trial's policy through
 the same geometry code as the feature cache (`trainable.data.images.geometry`). Every ft epoch is
 reported to Tune like a head epoch (`training_iteration` continues; `stage` = "ft"), so ASHA
 gives the expensive stage only to trials that earned it.
 
-Space keys (defaults in `trainable.trial.TRIAL_DEFAULTS`):
+Space keys (defaults in `trainable.shared.TRIAL_DEFAULTS`):
   ft_epochs  int, 0 = no fine-tuning.
   ft_lr      learning rate of the stage (backbone and head).
   ft_blocks  "all", or N: only the last N *blocks* of the backbone train. A block is one group
@@ -35,27 +36,24 @@ Checkpoints hold each fold's model, optimizer, best state and counters, so a tri
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import ray
 import torch
-from ray import tune
 from torch import nn
 
-from trainable.models.backbones import build_backbone, shared_backbone
 from trainable.cam.camlayer import FINAL, LayerCam
-from trainable.cam.explain import explanation_scores
+from trainable.cam.explain import edge_band, explanation_scores
+from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
+from trainable.models.backbones import build_backbone, shared_backbone
 from trainable.models.features import FeatureSet, inference_batch_size
 from trainable.models.head import Classifier, Head, class_weights
-from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
-from trainable.cam.explain import edge_band
+from trainable.shared import Prepared
+from trainable.train.checkpoint import restore_ft
+from trainable.train.head_stage import FoldState
+from trainable.train.lockstep import FoldResult, cam_targets, fold_result, run_lockstep
 from trainable.train.oversample import oversampled_indices
-from trainable.prepare import Prepared
-from trainable.trial import FoldState, cam_targets, fold_metrics, summarise_folds
 
 FT_BN_POLICIES = ("frozen", "train")
 
@@ -242,53 +240,61 @@ def _epoch_rows(config: dict, tr: np.ndarray, y: np.ndarray, seed: int, fold: in
     return rows, epoch_params(config["augment"], len(rows), seed, fold, epoch)
 
 
-def _validate(ff: FtFold, k: int, images: np.ndarray, prepared: Prepared, fs: FeatureSet, config: dict,
-              train_loss: float) -> dict:
-    s = prepared.settings
-    va = prepared.folds[k][1]
-    y = np.asarray(prepared.labels)
-    lung = prepared.lung_masks[float(config["crop_margin"])][va]
-    probs, maps = predict_with_maps(ff.model, images[va], fs.preprocessing, float(config["crop_margin"]),
-                                    s.input_size)
-    targets = cam_targets(s.cam_target, y[va], probs, prepared.classes)
-    if ff.cam is not None:  # settings.cam_layer: full-model Grad-CAM at that layer of the fine-tuned backbone
-        lung_mass, edge_mass = ff.cam.masses(ff.model.head, images[va], targets, lung,
-                                             edge_band(s.input_size, s.edge_band))
-    else:
-        head = copy.deepcopy(ff.model.head).cpu()  # the exact Grad-CAM formula runs on the CPU maps
-        lung_mass, edge_mass = explanation_scores(head, maps, targets, lung,
-                                                  edge_band(s.input_size, s.edge_band))
-    return {"va": va, "probs": probs, "lung_mass": lung_mass, "edge_mass": edge_mass,
-            "metrics": fold_metrics(prepared, va, probs, lung_mass, edge_mass, float(lung.mean()), train_loss)}
+class FtStage:
+    """The lockstep `Stage` of the fine-tuning epochs: each fold's backbone + head train on the
+    augmented images, are validated on the unaugmented ones (predictions and Grad-CAM from the same
+    forward pass) and early-stop on their own validation loss. A stopped fold keeps its best result;
+    on the stage's last epoch every fold is restored to its best epoch and reports that."""
 
+    def __init__(self, states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,
+                 resume: dict | None = None) -> None:
+        s = prepared.settings
+        self.config, self.prepared, self.fs = config, prepared, fs
+        self.images = prepared.image_array()
+        self.y = np.asarray(prepared.labels)
+        self.folds = [new_ft_fold(config, fs, st.head, s.seed + 1000 + k, s.cam_layer, s.input_size)
+                      for k, st in enumerate(states)]
+        self.done = restore_ft(self.folds, resume) if resume else 0
 
-def _summarise(prepared: Prepared, results: list[dict]) -> dict:
-    n = len(prepared.labels)
-    per_fold: dict[str, list[float]] = {}
-    oof_probs = np.zeros((n, len(prepared.classes)))
-    oof_lung, oof_edge = np.zeros(n), np.zeros(n)
-    for r in results:
-        oof_probs[r["va"]], oof_lung[r["va"]], oof_edge[r["va"]] = r["probs"], r["lung_mass"], r["edge_mass"]
-        for name, value in r["metrics"].items():
-            per_fold.setdefault(name, []).append(value)
-    return summarise_folds(prepared, per_fold, oof_probs, oof_lung, oof_edge)
+    def run_fold(self, k: int, epoch: int) -> FoldResult | None:
+        ff, config, s, y = self.folds[k], self.config, self.prepared.settings, self.y
+        if ff.stopped:
+            return None
+        rows, params = _epoch_rows(config, self.prepared.folds[k][0], y, s.seed, k, epoch)
+        weight = class_weights(y[rows], len(self.prepared.classes)) if config["class_weighted"] else None
+        loss = train_ft_epoch(ff.model, ff.optimizer, ff.generator, self.images, rows, y, config,
+                              self.fs.preprocessing, s.input_size, params, weight)
+        ff.current = self._validate(ff, k, loss)
+        if ff.early.update(ff.current["metrics"]["loss"], epoch + 1, ff.model):
+            ff.best = ff.current
+        if ff.early.stop:  # restored now; its best result stands for it in later epochs
+            ff.stopped = True
+            ff.early.restore(ff.model)
+        return ff.current
 
+    def finish_epoch(self, epoch: int, results: list[FoldResult | None], final: bool
+                     ) -> tuple[list[FoldResult], dict[str, float], bool]:
+        last = final or all(ff.stopped for ff in self.folds)
+        if last:
+            for ff in self.folds:
+                ff.early.restore(ff.model)
+        reported = [ff.best if (last or ff.stopped) else ff.current for ff in self.folds]
+        return reported, {"ft_epochs_kept": float(np.mean([ff.early.best_epoch for ff in self.folds]))}, last
 
-def _state(folds: list[FtFold], done: int) -> dict:
-    return {"done": done, "folds": [
-        {"model": ff.model.state_dict(), "optimizer": ff.optimizer.state_dict(),
-         "generator": ff.generator.get_state(), "early": vars(ff.early), "stopped": ff.stopped,
-         "current": ff.current, "best": ff.best} for ff in folds]}
-
-
-def _load_state(folds: list[FtFold], state: dict) -> int:
-    for ff, st in zip(folds, state["folds"]):
-        ff.model.load_state_dict(st["model"])
-        ff.optimizer.load_state_dict(st["optimizer"])
-        ff.generator.set_state(st["generator"])
-        vars(ff.early).update(st["early"])
-        ff.stopped, ff.current, ff.best = st["stopped"], st["current"], st["best"]
-    return int(state["done"])
+    def _validate(self, ff: FtFold, k: int, train_loss: float) -> FoldResult:
+        prepared, config, s = self.prepared, self.config, self.prepared.settings
+        va = prepared.folds[k][1]
+        margin = float(config["crop_margin"])
+        lung = prepared.lung_masks[margin][va]
+        probs, maps = predict_with_maps(ff.model, self.images[va], self.fs.preprocessing, margin, s.input_size)
+        targets = cam_targets(s.cam_target, self.y[va], probs, prepared.classes)
+        edge = edge_band(s.input_size, s.edge_band)
+        if ff.cam is not None:  # settings.cam_layer: full-model Grad-CAM at that layer of the fine-tuned backbone
+            lung_mass, edge_mass = ff.cam.masses(ff.model.head, self.images[va], targets, lung, edge)
+        else:
+            head = copy.deepcopy(ff.model.head).cpu()  # the exact Grad-CAM formula runs on the CPU maps
+            lung_mass, edge_mass = explanation_scores(head, maps, targets, lung, edge)
+        return fold_result(prepared, va, probs, lung_mass, edge_mass, float(lung.mean()), train_loss)
 
 
 def finetune_folds(states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,
@@ -297,73 +303,12 @@ def finetune_folds(states: list[FoldState], config: dict, prepared: Prepared, fs
     """Fine-tune every fold in lockstep for `ft_epochs` (fewer when every fold stopped early).
 
     `on_epoch(j, metrics, folds, last)` is called after ft epoch j (0-based) with the CV metrics;
-    on the last one every fold is already restored to its best epoch. Returns the folds."""
-    s = prepared.settings
-    images = prepared.image_array()
-    y = np.asarray(prepared.labels)
-    folds = [new_ft_fold(config, fs, st.head, s.seed + 1000 + k, s.cam_layer, s.input_size)
-             for k, st in enumerate(states)]
-    done = _load_state(folds, resume) if resume else 0
-    n_ft = int(config["ft_epochs"])
-    for j in range(done, n_ft):
-        for k, ((tr, _), ff) in enumerate(zip(prepared.folds, folds)):
-            if ff.stopped:
-                continue
-            rows, params = _epoch_rows(config, tr, y, s.seed, k, j)
-            weight = class_weights(y[rows], len(prepared.classes)) if config["class_weighted"] else None
-            loss = train_ft_epoch(ff.model, ff.optimizer, ff.generator, images, rows, y, config,
-                                  fs.preprocessing, s.input_size, params, weight)
-            ff.current = _validate(ff, k, images, prepared, fs, config, loss)
-            if ff.early.update(ff.current["metrics"]["loss"], j + 1, ff.model):
-                ff.best = ff.current
-            if ff.early.stop:  # restored now; its best result stands for it in later epochs
-                ff.stopped = True
-                ff.early.restore(ff.model)
-        last = j == n_ft - 1 or all(ff.stopped for ff in folds)
-        if last:
-            for ff in folds:
-                ff.early.restore(ff.model)
-        metrics = _summarise(prepared, [ff.best if (last or ff.stopped) else ff.current for ff in folds])
-        metrics["ft_epochs_kept"] = float(np.mean([ff.early.best_epoch for ff in folds]))
-        if on_epoch is not None:
-            on_epoch(j, metrics, folds, last)
-        if last:
-            break
-    return folds
-
-
-def run_finetune(states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,
-                 score: Callable[[dict], float], history: list[dict], checkpoint: tune.Checkpoint | None,
-                 restored_from_epoch: int) -> None:
-    """The Tune side of the stage: report every ft epoch (epoch numbers continue) with a checkpoint."""
-    from trainable.trial import _save  # the head-stage checkpoint, extended with the ft state
-
-    resume = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = torch.load(os.path.join(d, "state.pt"), weights_only=False).get("ft")
-    info = {"node_id": ray.get_runtime_context().get_node_id(), "restored_from_epoch": restored_from_epoch,
-            "weights_source": fs.weights_info.get("source", ""),
-            "weights_sha256": fs.weights_info.get("sha256") or "",
-            "cam_grid": "x".join(map(str, fs.maps.shape[2:]))}
-    epochs = prepared.settings.epochs
-
-    def report(j: int, metrics: dict, folds: list[FtFold], last: bool) -> None:
-        metrics["objective"] = float(score(metrics))
-        metrics["epoch"] = epochs + j + 1
-        metrics["stage"] = "ft"
-        if folds[0].cam is not None:  # lung/edge mass came from settings.cam_layer's grid
-            info["cam_grid"] = "x".join(map(str, folds[0].cam.grid))
-        history.append({k: v for k, v in metrics.items() if not k.startswith("fold_") and k != "confusion"})
-        with tempfile.TemporaryDirectory(prefix="cxrtune-ckpt-") as d:
-            ckpt = _save(d, states, epochs, history)
-            state = torch.load(os.path.join(d, "state.pt"), weights_only=False)
-            state["ft"] = _state(folds, j + 1)
-            torch.save(state, os.path.join(d, "state.pt"))
-            tune.report(metrics | info, checkpoint=ckpt)
-
-    torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
-    finetune_folds(states, config, prepared, fs, report, resume)
+    on the last one every fold is already restored to its best epoch. `resume`: the checkpoint's
+    "ft" entry (`trainable.train.checkpoint.ft_state`). Returns the folds."""
+    stage = FtStage(states, config, prepared, fs, resume)
+    report = None if on_epoch is None else (lambda j, metrics, last: on_epoch(j, metrics, stage.folds, last))
+    run_lockstep(stage, prepared, range(stage.done, int(config["ft_epochs"])), report)
+    return stage.folds
 
 
 def finetune_all(config: dict, prepared: Prepared, fs: FeatureSet, head: Head, n_epochs: int) -> Classifier:

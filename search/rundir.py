@@ -1,0 +1,67 @@
+"""The results directory of a sweep: the one reader of what a run wrote there.
+
+    RESULTS/space.json     the spec, settings, data location and hash, storage (written first)
+    RESULTS/heldout.json   the held-out patients (search.outputs.heldout)
+    RESULTS/trials.csv     one row per trial (search.outputs.results; rewritten live as trials end)
+    RESULTS/history.csv    one row per trial and epoch
+    RESULTS/summary.json, selection.json, confusion.json, best/, selected/, report.html, tune/
+
+Writers use `trainable.atomic`; readers here never see a torn file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from search.space import SweepSpec
+from trainable.atomic import atomic_write_text  # noqa: F401 - part of this module's API: how the directory is written
+from trainable.data.dataset import Dataset, load_dataset
+from trainable.errors import CxrtuneError
+
+_IDS = {"trial_id": str}  # hex trial ids such as 12e45678 must not turn into numbers
+
+
+class SweepError(CxrtuneError, RuntimeError):
+    """The sweep cannot start or finish (existing results, every trial failed, …)."""
+
+
+def load_record(results: Path) -> dict:
+    """space.json: what `resume`, `select` and held-out scoring need to rebuild a run."""
+    space_json = Path(results) / "space.json"
+    if not space_json.is_file():
+        raise SweepError(f"{results} is not a cxrtune results directory (no space.json)")
+    return json.loads(space_json.read_text())
+
+
+def load_sweep(results: Path) -> tuple[SweepSpec, pd.DataFrame, dict]:
+    """(spec, trials.csv, space.json record) of a finished sweep."""
+    results = Path(results)
+    if not (results / "trials.csv").is_file() or not (results / "space.json").is_file():
+        raise SweepError(f"{results} is not a finished sweep (trials.csv and space.json are needed)")
+    record = load_record(results)
+    return SweepSpec.model_validate(record["spec"]), read_trials(results), record
+
+
+def sweep_dataset(record: dict, spec: SweepSpec) -> Dataset:
+    """The data the sweep ran on, read again from where space.json says (held-out patients included)."""
+    return load_dataset(record["data"], spec.task, record.get("data_format", "auto"))
+
+
+def read_trials(results: Path) -> pd.DataFrame:
+    return pd.read_csv(Path(results) / "trials.csv", dtype=_IDS, float_precision="round_trip")
+
+
+def read_history(results: Path) -> pd.DataFrame:
+    """history.csv, or an empty table with its key columns when the sweep has none."""
+    path = Path(results) / "history.csv"
+    return pd.read_csv(path, dtype=_IDS) if path.is_file() else pd.DataFrame(columns=["trial_id", "epoch", "objective"])
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of the directory, or {} when it is missing or unreadable (optional pieces)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}

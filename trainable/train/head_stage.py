@@ -1,0 +1,125 @@
+"""The head stage: each fold's head trains on the frozen backbone's cached features.
+
+The fast path: with the backbone frozen its last maps depend only on (backbone, weights, input
+size, crop, view, image), so they are computed once per sweep (`trainable.prepare`); an epoch is
+a pass over pooled vectors, and Grad-CAM is exact from the cached maps (`trainable.cam.explain`).
+With `settings.cam_layer` other than `final`, the masses come from the full model at that layer
+(`trainable.cam.camlayer.LayerCam`) instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from trainable.cam.explain import GridScorer, edge_band
+from trainable.models.featureset import FeatureSet
+from trainable.models.head import Head, class_weights, predict_proba, train_one_epoch
+from trainable.shared import Prepared
+from trainable.train.lockstep import FoldResult, cam_targets, fold_result, lockstep_epoch
+from trainable.train.oversample import oversampled_rows
+
+if TYPE_CHECKING:
+    from trainable.cam.camlayer import LayerCam
+
+
+@dataclass
+class FoldState:
+    head: Head
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+
+
+def new_fold_state(config: dict, n_features: int, n_classes: int, seed: int) -> FoldState:
+    torch.manual_seed(seed)
+    head = Head(n_features, int(config["hidden"]), n_classes, float(config["dropout"]))
+    # fused: one kernel per step instead of a dozen passes over the weights (a quarter of a
+    # head-stage epoch on CPU); the same updates to float rounding
+    opt = torch.optim.Adam(head.parameters(), lr=float(config["lr"]),
+                           weight_decay=float(config["weight_decay"]), fused=True)
+    return FoldState(head, opt, torch.Generator().manual_seed(seed))
+
+
+# view-0 maps are converted to float32 once per trial up to this size; larger sets (many images,
+# big grids) convert each validation batch every epoch instead, to bound a trial's memory
+FLOAT32_MAPS_MAX_BYTES = 512 * 2**20
+
+
+@dataclass
+class CachedScoring:
+    """What the fast path's Grad-CAM scoring reads every epoch, built once per trial: the view-0
+    maps (float32 when they fit FLOAT32_MAPS_MAX_BYTES: the cache holds float16, and converting
+    them every epoch cost a tenth of an epoch), their pooled vectors, and the lung/edge weights
+    of every image on the map grid."""
+
+    maps: torch.Tensor
+    pooled: torch.Tensor
+    scorer: GridScorer
+
+
+def cached_scoring(config: dict, prepared: Prepared, fs: FeatureSet) -> CachedScoring:
+    maps = torch.from_numpy(fs.maps)
+    if fs.maps.size * 4 <= FLOAT32_MAPS_MAX_BYTES:
+        maps = maps.float()
+    s = prepared.settings
+    lung = prepared.lung_masks[float(config["crop_margin"])]
+    return CachedScoring(maps, torch.from_numpy(fs.pooled[config["augment"]][0]),
+                         GridScorer(lung, edge_band(s.input_size, s.edge_band), *fs.maps.shape[2:]))
+
+
+def train_view(epoch: int, n_views: int, seed: int, fold: int) -> int:
+    """Which cached augmentation view a fold trains on in an epoch (0 when there is no augmentation)."""
+    if n_views <= 1:
+        return 0
+    return int(np.random.default_rng([seed, fold, epoch]).integers(n_views))
+
+
+class HeadStage:
+    """The lockstep `Stage` of the head epochs: train on a cached view, validate on view 0, score
+    Grad-CAM with `cam` (a LayerCam) or from the cached maps (`scoring`, built once when not given)."""
+
+    def __init__(self, states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,
+                 cam: LayerCam | None = None, scoring: CachedScoring | None = None) -> None:
+        self.states, self.config, self.prepared, self.fs, self.cam = states, config, prepared, fs, cam
+        s = prepared.settings
+        self.pooled = fs.pooled[config["augment"]]
+        self.y = np.array(prepared.labels)
+        self.labels = torch.as_tensor(self.y)
+        self.lung = prepared.lung_masks[float(config["crop_margin"])]
+        self.edge = edge_band(s.input_size, s.edge_band)
+        self.scoring = scoring if cam is not None or scoring is not None else cached_scoring(config, prepared, fs)
+        # per image: the share of the input its lung mask covers
+        self.lung_share = self.lung.mean(axis=(1, 2)) if self.scoring is None else self.scoring.scorer.lung_share
+
+    def run_fold(self, k: int, epoch: int) -> FoldResult:
+        config, prepared, s, y = self.config, self.prepared, self.prepared.settings, self.y
+        (tr, va), st = prepared.folds[k], self.states[k]
+        v = train_view(epoch, len(self.pooled), s.seed, k)
+        # oversample: the minority's rows again, from another cached view (trainable.train.oversample)
+        rows, views = oversampled_rows(tr, y, v, len(self.pooled), epoch, s.seed, k) if config["oversample"] \
+            else (tr, np.full(len(tr), v))
+        weight = class_weights(y[rows], len(prepared.classes)) if config["class_weighted"] else None
+        train_loss = train_one_epoch(st.head, st.optimizer, torch.from_numpy(self.pooled[views, rows]),
+                                     self.labels[rows], int(config["batch_size"]), st.generator, weight)
+        probs = predict_proba(st.head, torch.from_numpy(self.pooled[0][va]))
+        targets = cam_targets(s.cam_target, y[va], probs, prepared.classes)
+        if self.cam is None:   # exact Grad-CAM from the cached last maps (fast path)
+            sc = self.scoring
+            lung_mass, edge_mass = sc.scorer.scores(st.head, sc.maps[va], targets, va, sc.pooled[va])
+        else:   # settings.cam_layer: the full model at a higher-resolution layer (trainable.cam.camlayer)
+            lung_mass, edge_mass = self.cam.masses(st.head, prepared.image_array()[va], targets,
+                                                   self.lung[va], self.edge)
+        return fold_result(prepared, va, probs, lung_mass, edge_mass, float(self.lung_share[va].mean()),
+                           train_loss)
+
+    def finish_epoch(self, epoch: int, results: list[FoldResult | None], final: bool
+                     ) -> tuple[list[FoldResult], dict[str, float], bool]:
+        return [r for r in results if r is not None], {}, final
+
+
+def run_epoch(states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,
+              epoch: int, cam: LayerCam | None = None, scoring: CachedScoring | None = None) -> dict:
+    """One head epoch of every fold (`HeadStage`); returns its CV metrics (`summarise_results`)."""
+    return lockstep_epoch(HeadStage(states, config, prepared, fs, cam, scoring), prepared, epoch)[0]
