@@ -22,13 +22,13 @@ from trainable.cam.explain import region_masses
 from trainable.models.head import Classifier, Head
 from trainable.data.images import geometry, mask_geometry, to_model_input
 from trainable.cam.explain import edge_band
-from trainable.data.phantom import _render_example
+from trainable.data.phantom import render_example
 
 SIZE = 64   # network input: the final EfficientNet layer is 2×2 here, body.blocks.4 is 4×4
 
 
 def _phantoms() -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    renders = [_render_example(label, size=96, seed=s) for s, label in enumerate(("covid", "normal", "pneumonia"))]
+    renders = [render_example(label, size=96, seed=s) for s, label in enumerate(("covid", "normal", "pneumonia"))]
     images = np.stack([r.image for r in renders])
     lungs = mask_geometry(np.stack([r.lung.astype(np.uint8) * 255 for r in renders]), 0.0, SIZE)
     return images, lungs, torch.tensor([1, 0, 1])

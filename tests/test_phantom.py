@@ -137,7 +137,7 @@ def test_zero_shortcut_means_no_markers(tmp_path: Path) -> None:
 @pytest.mark.parametrize("label", phantom.KNOWN_CLASSES)
 def test_parts_stay_in_their_regions(label: str, kind: str) -> None:
     for seed in range(3):
-        r = phantom._render_example(label, size=96, marker_kind=kind, seed=seed)
+        r = phantom.render_example(label, size=96, marker_kind=kind, seed=seed)
         assert r.image.dtype == np.uint8 and r.image.shape == (96, 96)
         assert not (r.lesion & ~r.lung).any(), "lesion outside the lungs"
         assert r.lesion.any() == (label != "normal")
@@ -149,9 +149,9 @@ def test_parts_stay_in_their_regions(label: str, kind: str) -> None:
 def test_lesions_are_visible_and_only_in_the_lungs() -> None:
     # same seed: same patient body and exposure, so the difference is the lesion alone
     for seed in range(3):
-        normal = phantom._render_example("normal", 224, None, seed)
+        normal = phantom.render_example("normal", 224, None, seed)
         for label in ("covid", "pneumonia"):
-            sick = phantom._render_example(label, 224, None, seed)
+            sick = phantom.render_example(label, 224, None, seed)
             diff = sick.image.astype(int) - normal.image.astype(int)
             assert diff[sick.lesion].mean() >= 10
             away = ~ndimage.binary_dilation(sick.lung, iterations=3)
@@ -160,14 +160,14 @@ def test_lesions_are_visible_and_only_in_the_lungs() -> None:
 
 def test_covid_is_bilateral_and_lower_pneumonia_is_one_lung() -> None:
     for seed in range(4):
-        covid = phantom._render_example("covid", 128, None, seed)
+        covid = phantom.render_example("covid", 128, None, seed)
         labels, n = ndimage.label(covid.lung)
         big = np.argsort(np.bincount(labels.ravel())[1:])[::-1][:2] + 1
         assert all((covid.lesion & (labels == k)).any() for k in big)
         rows = np.arange(128)[:, None]
         assert (rows * covid.lesion).sum() / covid.lesion.sum() > \
             (rows * covid.lung).sum() / covid.lung.sum()
-        pneumonia = phantom._render_example("pneumonia", 128, None, seed)
+        pneumonia = phantom.render_example("pneumonia", 128, None, seed)
         cols = np.nonzero(pneumonia.lesion)[1]
         centre = np.nonzero(pneumonia.lung)[1].mean()
         assert (cols < centre).all() or (cols > centre).all()
@@ -175,7 +175,7 @@ def test_covid_is_bilateral_and_lower_pneumonia_is_one_lung() -> None:
 
 def test_marker_fits_the_band_at_the_smallest_size() -> None:
     for kind in phantom.MARKER_KINDS:
-        r = phantom._render_example("normal", size=32, marker_kind=kind, seed=0)
+        r = phantom.render_example("normal", size=32, marker_kind=kind, seed=0)
         assert r.marker.any() and _in_band(r.marker) and not (r.marker & r.lung).any()
 
 

@@ -530,7 +530,7 @@ def _lesion(label: str, field: np.ndarray, lung: np.ndarray,
     return field * mottle * rng.uniform(0.4, 0.5)
 
 
-def _render_example(label: str, size: int = 128, marker_kind: str | None = "letter",
+def render_example(label: str, size: int = 128, marker_kind: str | None = "letter",
                     seed: int = 0) -> Rendered:
     """Render one image of a fresh patient: the unit ``synthesize`` repeats (for tests, demos)."""
     if label not in KNOWN_CLASSES:
