@@ -20,9 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from trainable.cam.explain import explanation_scores, gradcam_from_maps, normalise_and_resize, region_masses  # noqa: E402
+from trainable.cam.explain import edge_band, explanation_scores, gradcam_from_maps, normalise_and_resize, region_masses  # noqa: E402
 from trainable.models.head import Head  # noqa: E402
-from trainable.cam.explain import edge_band  # noqa: E402
 
 
 def full_resolution(head, maps, targets, lung, edge, batch_size: int = 256):

@@ -25,18 +25,17 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import ray
 import torch
-from ray import tune
-
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from ray import tune
 
-from trainable.models.backbones import Backbone, build_backbone
 from trainable.cam.explain import region_masses
-from trainable.models.features import FeatureKey, FeatureSet, feature_maps, inference_batch_size, inference_model
-from trainable.models.head import Classifier
 from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
-from trainable.prepare import Prepared
-from trainable.shared import with_defaults
+from trainable.models.backbones import Backbone, build_backbone
+from trainable.models.features import feature_maps, inference_batch_size, inference_model
+from trainable.models.featureset import FeatureKey, FeatureSet
+from trainable.models.head import Classifier
+from trainable.shared import Prepared, with_defaults
 from trainable.train.checkpoint import save_checkpoint
 from trainable.train.head_stage import FoldState, cached_scoring, new_fold_state, run_epoch, train_view
 

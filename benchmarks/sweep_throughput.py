@@ -49,9 +49,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download weights in a benchmark
 
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from ray import tune  # noqa: E402
 
 import benchmarks.naive as naive  # noqa: E402
@@ -59,10 +59,10 @@ from search.objective import make_score  # noqa: E402
 from search.space import Choice, LogUniform, RandInt, SweepSpec, Uniform, load_space  # noqa: E402
 from trainable.cache import directory_size  # noqa: E402
 from trainable.data.dataset import Dataset, load_dataset  # noqa: E402
-from trainable.models.features import FeatureKey  # noqa: E402
 from trainable.data.phantom import synthesize  # noqa: E402
-from trainable.prepare import Prepared, Settings, prepare_local, prepare_sweep  # noqa: E402
-from trainable.shared import with_defaults  # noqa: E402
+from trainable.models.featureset import FeatureKey  # noqa: E402
+from trainable.prepare import prepare_local, prepare_sweep  # noqa: E402
+from trainable.shared import Prepared, Settings, with_defaults  # noqa: E402
 from trainable.trial import run_trial  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cxr-real"

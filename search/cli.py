@@ -6,7 +6,6 @@ naming the file or field and the rule, and exit with code 2 — no traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,8 @@ import click
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from search.api import local_ray_env
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Explainability-aware hyperparameter search for chest X-ray models on Ray Tune.")
@@ -41,7 +42,7 @@ def run(
     SIGTERM (or `cxrtune stop`) stops it with its state saved: exit code 143, `cxrtune resume` goes on."""
     import time
 
-    _private_local_ray(address)
+    local_ray_env(address)
     from search.space import load_space, resolve_space_file
     from search.sweep import run_sweep
 
@@ -98,17 +99,9 @@ def select(
     metric: Optional[str] = typer.Option(None, help="Metric column (default: the space's objective metric)."),
 ) -> None:
     """Export the most lung-focused trial whose metric is within Δ of the best to RESULTS/selected/."""
-    from search.outputs.select import export_selection
+    from search.api import select_trial
 
-    log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
-    export_selection(results, within=within, metric=metric, log=log)
-    from search.outputs.heldout import rescore_heldout
-
-    rescore_heldout(results, log)  # selected/ changed: its held-out scores follow
-    if (results / "report.html").is_file():  # the report shows the selection: keep it in step
-        from search.report.html import write_report
-
-        write_report(results, log=log)
+    select_trial(results, within=within, metric=metric, log=lambda m: console.print(m, markup=False, highlight=False))
 
 
 @app.command()
@@ -185,7 +178,7 @@ def resume(
     address: Optional[str] = typer.Option(None, help="Ray cluster address ('auto', 'ray://host:10001'); default: a local cluster."),
 ) -> None:
     """Continue a stopped sweep: unfinished and errored trials resume from their last checkpoints."""
-    _private_local_ray(address)
+    local_ray_env(address)
     from search.sweep import resume_sweep
 
     with _resumable():
@@ -289,22 +282,6 @@ def _follow(address: Optional[str], job: str) -> None:
         raise typer.Exit(1)
 
 
-def _private_local_ray(address: Optional[str]) -> None:
-    """Set before `ray` is imported. A local cluster (no --address) binds every Ray server to
-    127.0.0.1, not all interfaces: Ray does this on macOS/Windows, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-    asks for it on Linux. A Ray Client connection (ray://) with a Ray token at hand (RAY_AUTH_TOKEN,
-    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) sends it. A driver joining a cluster directly
-    (`auto`, HOST:PORT) keeps the mode it inherits: it must match the cluster's (cluster.yaml sets
-    RAY_AUTH_MODE=token on its nodes), as the driver also serves RPCs to the cluster."""
-    if address is None:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        return
-    from search.jobs import auth_headers
-
-    if address.startswith("ray://") and "RAY_AUTH_MODE" not in os.environ and auth_headers():
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
 @contextmanager
 def _resumable():
     """A sweep stopped by SIGTERM exits with code 143 and says how to resume it."""
@@ -330,8 +307,8 @@ def _user_error(message: str) -> _UserError:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from trainable.models.backbones import UnknownBackboneError
     from trainable.errors import CxrtuneError
+    from trainable.models.backbones import UnknownBackboneError
     from trainable.models.weights import WeightsNotFoundError
 
     return (_UserError, CxrtuneError, UnknownBackboneError, WeightsNotFoundError, FileNotFoundError)

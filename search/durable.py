@@ -22,7 +22,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterator
 
-
 from search.rundir import SweepError
 
 REPORT_SKIP = {"data", "tune"}  # not copied to --storage with the report files

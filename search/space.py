@@ -24,11 +24,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import tune
 
-from trainable.models.backbones import available_backbones
 from trainable.cam.camlayer import describe_cam_layers, valid_cam_layers
 from trainable.data.dataset import TASKS
-from trainable.errors import CxrtuneError
 from trainable.data.images import AUGMENT_POLICIES
+from trainable.errors import CxrtuneError
+from trainable.models.backbones import available_backbones
 from trainable.shared import TRIAL_DEFAULTS, Settings
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"

@@ -18,30 +18,38 @@ from typing import Callable
 import ray
 from ray import tune
 
-from search.outputs.heldout import check_split, score_heldout, search_split, write_split
-from search.objective import make_score
-from search.searcher import search_algorithms
 from search.callbacks.live import LiveTrials
 from search.callbacks.progress import ProgressLine
-from search.report.html import cluster_hardware, write_report
-from search.durable import (SweepInterrupted, experiment_path, graceful_stop, is_uri, mirror_checkpoints,
-                            publish_results, tune_location)
-from search.outputs.results import write_results
-from search.rundir import SweepError, load_record, sweep_dataset
-from search.outputs.select import export_selection
-from search.space import SpaceError, SweepSpec, Synthetic, tune_param_space
 from search.callbacks.trackers import tracker_callbacks
+from search.durable import (
+    SweepInterrupted,
+    experiment_path,
+    graceful_stop,
+    is_uri,
+    mirror_checkpoints,
+    publish_results,
+    tune_location,
+)
+from search.objective import make_score
+from search.outputs.heldout import check_split, score_heldout, search_split, write_split
+from search.outputs.results import write_results
+from search.outputs.select import export_selection
+from search.report.html import cluster_hardware, write_report
+from search.rundir import SweepError, load_record, sweep_dataset
+from search.searcher import search_algorithms
+from search.space import SpaceError, SweepSpec, Synthetic, tune_param_space
 from trainable.atomic import atomic_write_text
+from trainable.cam.lung_segment import check_lung_masks, pspnet_weights
 from trainable.data.confounding import confounding_report
 from trainable.data.dataset import Dataset, load_dataset
-from trainable.models.features import FeatureKey
 from trainable.data.folds import patient_folds
-from trainable.cam.lung_segment import check_lung_masks, pspnet_weights
 from trainable.data.holdout import Holdout
 from trainable.data.phantom import synthesize
-from trainable.prepare import Prepared, prepare_sweep
-from trainable.trial import run_trial
+from trainable.models.featureset import FeatureKey
 from trainable.models.weights import offline_available
+from trainable.prepare import prepare_sweep
+from trainable.shared import Prepared
+from trainable.trial import run_trial
 
 
 def results_dir_for(out: str | Path, name: str) -> Path:
@@ -112,7 +120,7 @@ def start_ray(address: str | None, log: Callable[[str], None]) -> None:
         f"{len(ray.nodes())} node(s)")
 
 
-def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
+def run_sweep(spec: SweepSpec, *, space_file: Path | None = None, data: str | None = None,
               out: str | Path = "results", name: str | None = None, address: str | None = None,
               mlflow: str | None = None, tensorboard: bool = False, data_format: str = "auto",
               storage: str | None = None, log: Callable[[str], None] = print) -> Path:
@@ -132,7 +140,7 @@ def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
         raise SpaceError(f"cam_target must be 'true', 'predicted' or one of the classes "
                          f"{list(dataset.classes)} (got {spec.cam_target!r})")
     check_lung_masks(spec.lung_masks, dataset.has_masks, dataset.table["id"].tolist())
-    # held-out patients leave here: folds, trials, best/ and selected/ see only `dataset` (search/heldout.py)
+    # held-out patients leave here: folds, trials, best/ and selected/ see only `dataset` (search/outputs/heldout.py)
     full, split = dataset, search_split(spec, dataset, log)
     dataset = split.search
     # the folds are checked here, before decoding and before Ray starts
@@ -146,7 +154,7 @@ def run_sweep(spec: SweepSpec, *, space_file: Path, data: str | None = None,
             log(line)
     atomic_write_text(results / "space.json", json.dumps(
         {"spec": spec.model_dump(mode="json"), "settings": asdict(spec.settings()),
-         "space_file": str(Path(space_file).resolve()), "data": str(dataset.root),
+         "space_file": str(Path(space_file).resolve()) if space_file else None, "data": str(dataset.root),
          # what `cxrtune resume` needs to rebuild the trainable and find the experiment
          "data_format": data_format, "data_hash": full.content_hash(), "storage": storage,
          "tune_path": "/".join(tune_location(results, storage))}, indent=2))
@@ -189,11 +197,12 @@ def resume_sweep(results: str | Path, *, address: str | None = None,
     log(f"resuming {path} (unfinished and errored trials continue from their last checkpoints)")
     tuner = tune.Tuner.restore(path, trainable=make_trainable(spec, prepared),
                                resume_unfinished=True, resume_errored=True)
-    return finish_sweep(results, spec, Path(record.get("space_file", "")), dataset, prepared, tuner,
+    space_file = record.get("space_file")
+    return finish_sweep(results, spec, Path(space_file) if space_file else None, dataset, prepared, tuner,
                         t_start=t_start, storage=storage, log=log, split=split)
 
 
-def finish_sweep(results: Path, spec: SweepSpec, space_file: Path, dataset: Dataset, prepared: Prepared,
+def finish_sweep(results: Path, spec: SweepSpec, space_file: Path | None, dataset: Dataset, prepared: Prepared,
                  tuner: tune.Tuner, *, t_start: float, storage: str | None = None,
                  log: Callable[[str], None] = print, split: Holdout | None = None) -> Path:
     """Fit (a new or a restored Tuner), then write results, the selection, the held-out scores of
@@ -240,7 +249,7 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, results: Path,
     `storage`: Tune's experiment goes to STORAGE/<name>/tune (default RESULTS/tune)."""
     storage_path, tune_name = tune_location(results, storage)
     trainable = make_trainable(spec, prepared)
-    # pareto mode: a multi-objective searcher and ASHA on the weighted score (search/pareto.py)
+    # pareto mode: a multi-objective searcher and ASHA on the weighted score (search/searcher.py)
     searcher, scheduler, metric, mode = search_algorithms(spec, results)
     return tune.Tuner(
         trainable,

@@ -17,8 +17,8 @@ from tests.conftest import write_manifest_dataset
 from trainable.data.adapters import ADAPTERS, detect_format, read_table
 from trainable.data.dataset import load_dataset
 from trainable.data.dicom import is_dicom, read_dicom
-from trainable.errors import DataError
 from trainable.data.images import decode_images, read_gray
+from trainable.errors import DataError
 
 
 @pytest.fixture(autouse=True)

@@ -10,14 +10,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_manifest_dataset
 from PIL import Image
 
-from trainable.cache import (CACHE_ENV, DiskCache, FeatureStore, array_digest, cache_root, cached_features,
-                             decoded_images)
+from trainable.cache import (
+    CACHE_ENV,
+    DiskCache,
+    FeatureStore,
+    array_digest,
+    cache_root,
+    cached_features,
+    decoded_images,
+)
 from trainable.data.dataset import load_dataset
-from trainable.models.features import FeatureKey
-from trainable.prepare import Settings, prepare_local
+from trainable.models.featureset import FeatureKey
+from trainable.prepare import prepare_local
+from trainable.shared import Settings
+
+from conftest import write_manifest_dataset
 
 
 def _builder(calls: list[int], value: int = 7):

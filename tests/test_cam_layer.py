@@ -16,13 +16,12 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from search.space import SpaceError, load_space
 from tests.conftest import cxrtune
-from trainable.models.backbones import build_backbone
 from trainable.cam.camlayer import LayerCam, valid_cam_layers
-from trainable.cam.explain import region_masses
-from trainable.models.head import Classifier, Head
+from trainable.cam.explain import edge_band, region_masses
 from trainable.data.images import geometry, mask_geometry, to_model_input
-from trainable.cam.explain import edge_band
 from trainable.data.phantom import render_example
+from trainable.models.backbones import build_backbone
+from trainable.models.head import Classifier, Head
 
 SIZE = 64   # network input: the final EfficientNet layer is 2×2 here, body.blocks.4 is 4×4
 

@@ -10,8 +10,8 @@ from PIL import Image
 
 from tests.conftest import write_manifest_dataset
 from trainable.data.dataset import load_dataset
-from trainable.errors import DataError
 from trainable.data.images import decode_images
+from trainable.errors import DataError
 
 
 def test_manifest_loads_with_absolute_paths_and_task_labels(tiny_dataset: Path) -> None:

@@ -14,11 +14,12 @@ from PIL import Image
 
 from search.outputs.evaluate import evaluate, match_labels, scores
 from trainable.data.dataset import load_dataset
+from trainable.data.phantom import synthesize
 from trainable.errors import DataError
 from trainable.export import export_model, load_model, preprocess_image
-from trainable.models.features import FeatureKey
-from trainable.data.phantom import synthesize
-from trainable.prepare import Settings, prepare_local
+from trainable.models.featureset import FeatureKey
+from trainable.prepare import prepare_local
+from trainable.shared import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"backbone": "efficientnet_lite0", "weights": "imagenet", "hidden": 16, "lr": 1e-2,

@@ -8,10 +8,9 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from trainable.cam.explain import edge_band, explanation_scores, gradcam_from_maps, normalise_and_resize, region_masses
 from trainable.models.backbones import build_backbone
-from trainable.cam.explain import explanation_scores, gradcam_from_maps, normalise_and_resize, region_masses
 from trainable.models.head import Classifier, Head
-from trainable.cam.explain import edge_band
 
 
 def _module(model: torch.nn.Module, dotted: str) -> torch.nn.Module:

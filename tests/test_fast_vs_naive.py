@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from trainable.data.dataset import load_dataset
-from trainable.models.features import FeatureKey
 from trainable.data.phantom import synthesize
-from trainable.prepare import Settings, prepare_local
-from trainable.shared import with_defaults
+from trainable.models.featureset import FeatureKey
+from trainable.prepare import prepare_local
+from trainable.shared import Settings, with_defaults
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.naive import cached_epochs, naive_epochs  # noqa: E402

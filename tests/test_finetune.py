@@ -15,20 +15,18 @@ import pytest
 import torch
 
 from search.outputs.evidence import fold_heads, pick_images, trial_cams
-from trainable.models.backbones import build_backbone
 from trainable.cam.camlayer import LayerCam
+from trainable.cam.explain import edge_band, explanation_scores
 from trainable.data.dataset import load_dataset
-from trainable.cam.explain import explanation_scores
-from trainable.export import export_model, load_model
-from trainable.models.features import FeatureKey
-from trainable.train.finetune import (EarlyStopping, backbone_blocks, finetune_folds, predict_with_maps,
-                                set_trainable)
-from trainable.models.head import Classifier, Head
-from trainable.cam.explain import edge_band
 from trainable.data.phantom import synthesize
-from trainable.prepare import Settings, prepare_local
-from trainable.shared import with_defaults
+from trainable.export import export_model, load_model
+from trainable.models.backbones import build_backbone
+from trainable.models.featureset import FeatureKey
+from trainable.models.head import Classifier, Head
+from trainable.prepare import prepare_local
+from trainable.shared import Settings, with_defaults
 from trainable.train.checkpoint import ft_state, save_checkpoint
+from trainable.train.finetune import EarlyStopping, backbone_blocks, finetune_folds, predict_with_maps, set_trainable
 from trainable.train.head_stage import new_fold_state, run_epoch
 from trainable.train.lockstep import cam_targets
 

@@ -13,8 +13,8 @@ import torch
 
 from search.outputs.evidence import fold_heads
 from tests.conftest import cxrtune
-from trainable.models.backbones import build_backbone
 from trainable.export import load_model
+from trainable.models.backbones import build_backbone
 
 FT_SPACE = """
 name: ft

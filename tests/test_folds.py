@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainable.errors import DataError
 from trainable.data.folds import patient_folds
+from trainable.errors import DataError
 
 
 def _toy(n_patients: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -15,8 +15,8 @@ from search.rundir import SweepError
 from search.space import SpaceError, load_space
 from tests.conftest import cxrtune, write_manifest_dataset
 from trainable.data.dataset import load_dataset
-from trainable.errors import DataError
 from trainable.data.holdout import split_holdout
+from trainable.errors import DataError
 
 
 @pytest.fixture

@@ -14,10 +14,18 @@ import pytest
 import torch
 
 from tests.conftest import TINY_SPACE, cxrtune
+from trainable.cam.lung_segment import (
+    PSPNET_FILE,
+    LungSegmentationError,
+    build_pspnet,
+    choose_lung_masks,
+    lung_channels,
+    lung_mask_from_output,
+    pspnet_masks,
+    pspnet_weights,
+    pspnet_weights_places,
+)
 from trainable.errors import DataError
-from trainable.cam.lung_segment import (PSPNET_FILE, LungSegmentationError, build_pspnet, choose_lung_masks,
-                                    lung_channels, lung_mask_from_output, pspnet_masks, pspnet_weights,
-                                    pspnet_weights_places)
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss,
-                             roc_auc_score)
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss, roc_auc_score
 
 from trainable.train.groups import group_metrics
 from trainable.train.metrics import binary_auc, classification_metrics

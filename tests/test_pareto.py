@@ -13,11 +13,11 @@ import optuna
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY_SPACE, cxrtune
 from search.objective import objective_score, pareto_column
-from search.searcher import load_study, order_trials
 from search.outputs.select import select_trial
+from search.searcher import load_study, order_trials
 from search.space import SpaceError, load_space
+from tests.conftest import TINY_SPACE, cxrtune
 
 WEIGHTED = "objective: {mode: weighted, metric: balanced_accuracy, w: 0.5}"
 PARETO = "objective: {mode: pareto, metric: balanced_accuracy, w: 0.5}"

@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from trainable.data import lungs
-from trainable.data import phantom
+from trainable.data import lungs, phantom
 
 SIZE = 64
 

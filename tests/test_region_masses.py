@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainable.cam.explain import explanation_scores, gradcam_from_maps, normalise_and_resize, region_masses
+from trainable.cam.explain import edge_band, explanation_scores, gradcam_from_maps, normalise_and_resize, region_masses
 from trainable.models.head import Head
-from trainable.cam.explain import edge_band
 
 
 def _full_resolution(head, maps, targets, lung, edge):

@@ -21,9 +21,9 @@ from search.objective import objective_score
 from search.outputs.select import local_prepared, trial_config
 from search.rundir import load_sweep
 from trainable.data.dataset import load_dataset
-from trainable.export import export_model, load_model
 from trainable.data.images import decode_images, geometry, to_model_input
 from trainable.data.phantom import synthesize
+from trainable.export import export_model, load_model
 
 SPACE = """
 name: shortcut

@@ -313,7 +313,8 @@ def cached_features(images: np.ndarray | None, key, views: dict[str, int], seed:
     """
     import torch
 
-    from trainable.models.features import FeatureSet, compute_features
+    from trainable.models.features import compute_features
+    from trainable.models.featureset import FeatureSet
     from trainable.models.weights import resolve_weights
 
     weights_sha = None if key.weights == "random" else resolve_weights(key.backbone, key.weights).sha256

@@ -19,15 +19,14 @@ import torch
 from PIL import Image
 
 from trainable.atomic import atomic_dir
-from trainable.models.backbones import build_backbone
-from trainable.models.features import FeatureSet
-from trainable.models.head import Classifier, Head, class_weights, train_one_epoch
 from trainable.data.images import geometry, read_gray, to_model_input
-from trainable.shared import Prepared
+from trainable.models.backbones import build_backbone
+from trainable.models.featureset import FeatureSet
+from trainable.models.head import Classifier, Head, class_weights, train_one_epoch
+from trainable.shared import Prepared, with_defaults
 from trainable.train.finetune import finetune_all
-from trainable.train.oversample import oversampled_rows
-from trainable.shared import with_defaults
 from trainable.train.head_stage import new_fold_state, train_view
+from trainable.train.oversample import oversampled_rows
 
 
 def refit_head(config: dict, prepared: Prepared, fs: FeatureSet, epochs: int) -> Head:

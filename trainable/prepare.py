@@ -14,14 +14,14 @@ import numpy as np
 import ray
 
 from trainable.cache import FeatureStore, cache_root, cached_features, decoded_images
+from trainable.cam.lung_segment import choose_lung_masks
 from trainable.data.dataset import Dataset
-from trainable.errors import DataError
-from trainable.models.featureset import FeatureKey, FeatureSet
 from trainable.data.folds import patient_folds
 from trainable.data.images import mask_geometry
-from trainable.cam.lung_segment import choose_lung_masks
 from trainable.data.lungs import lung_atlas
-from trainable.shared import Prepared, Settings  # noqa: F401 - Settings: part of this module's API
+from trainable.errors import DataError
+from trainable.models.featureset import FeatureKey, FeatureSet
+from trainable.shared import Prepared, Settings
 
 
 def _feature_task(images: np.ndarray, key: FeatureKey, views: dict[str, int], seed: int,

@@ -14,7 +14,6 @@ import ray
 
 from trainable.models.featureset import FeatureKey, FeatureSet
 
-
 # search-space keys a trial understands, with their defaults
 TRIAL_DEFAULTS: dict[str, object] = {
     "backbone": "efficientnet_lite0",

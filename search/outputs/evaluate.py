@@ -23,18 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import (accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support,
-                             roc_auc_score)
+from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 
 from trainable.atomic import atomic_write_text
+from trainable.cam.explain import edge_band, explanation_scores
 from trainable.data.dataset import TASKS, Dataset, load_dataset
+from trainable.data.images import decode_images, geometry, mask_geometry, to_model_input
+from trainable.data.lungs import lung_atlas
 from trainable.errors import DataError
-from trainable.cam.explain import explanation_scores
 from trainable.export import load_model
 from trainable.models.features import inference_batch_size
-from trainable.data.images import decode_images, geometry, mask_geometry, to_model_input
-from trainable.cam.explain import edge_band
-from trainable.data.lungs import lung_atlas
+from trainable.train.metrics import auc
 
 
 def match_labels(dataset: Dataset, classes: list[str], source: str) -> dict[str, str]:
@@ -118,7 +117,7 @@ def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], lung_mass: np.n
     metrics = {
         "accuracy": float(accuracy_score(y, pred)),
         "balanced_accuracy": float(np.mean([rec[k] for k in present])),
-        "auc": _auc(y, probs),
+        "auc": auc(y, probs, probs.shape[1], over="present"),
         "macro_f1": float(np.mean([f1[k] for k in present])),
         "loss": float(log_loss(y, np.clip(probs, 1e-7, 1.0), labels=idx)),
         "lung_mass": float(lung_mass.mean()),
@@ -133,16 +132,6 @@ def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], lung_mass: np.n
     cm = confusion_matrix(y, pred, labels=idx)
     return {"metrics": metrics, "per_class": per_class,
             "confusion_matrix": {"labels": classes, "rows_true_columns_predicted": cm.tolist()}}
-
-
-def _auc(y: np.ndarray, probs: np.ndarray) -> float:
-    """Binary AUC of the second class, or the one-vs-rest macro AUC over the classes present."""
-    present = np.unique(y)
-    if len(present) < 2:
-        return math.nan
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
-    return float(np.mean([roc_auc_score(y == k, probs[:, k]) for k in present]))
 
 
 def _by_group(groups: np.ndarray, y: np.ndarray, probs: np.ndarray, lung: np.ndarray,

@@ -18,14 +18,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from trainable.atomic import atomic_file  # noqa: E402
-from trainable.cam.explain import gradcam_from_maps, normalise_and_resize, region_masses  # noqa: E402
-from trainable.train.finetune import fold_model, predict_with_maps  # noqa: E402
-from trainable.models.head import Classifier, Head, predict_proba  # noqa: E402
+from trainable.cam.explain import edge_band, gradcam_from_maps, normalise_and_resize, region_masses  # noqa: E402
 from trainable.data.images import geometry, read_gray  # noqa: E402
-from trainable.cam.explain import edge_band  # noqa: E402
-from trainable.shared import Prepared  # noqa: E402
-from trainable.shared import with_defaults  # noqa: E402
+from trainable.models.head import Classifier, Head, predict_proba  # noqa: E402
+from trainable.shared import Prepared, with_defaults  # noqa: E402
 from trainable.train.checkpoint import fold_models, read_checkpoint  # noqa: E402
+from trainable.train.finetune import fold_model, predict_with_maps  # noqa: E402
 
 
 def fold_heads(results: Path, trial_id: str) -> list[dict]:

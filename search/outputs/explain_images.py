@@ -15,12 +15,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from trainable.errors import DataError  # noqa: E402
-from trainable.cam.explain import gradcam_from_maps, normalise_and_resize, region_masses  # noqa: E402
-from trainable.export import load_model, preprocess_image  # noqa: E402
+from trainable.cam.explain import edge_band, gradcam_from_maps, normalise_and_resize, region_masses  # noqa: E402
 from trainable.data.images import mask_geometry, read_gray  # noqa: E402
-from trainable.cam.explain import edge_band  # noqa: E402
 from trainable.data.lungs import lung_atlas  # noqa: E402
+from trainable.errors import DataError  # noqa: E402
+from trainable.export import load_model, preprocess_image  # noqa: E402
 
 
 def explain_images(model_dir: Path, images: list[Path], out: Path, target: str = "predicted",

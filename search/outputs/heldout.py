@@ -19,11 +19,11 @@ import numpy as np
 from search.outputs.evaluate import evaluate_dataset, json_safe
 from search.report.heldout_section import ROLES, heldout_markdown
 from search.rundir import SweepError, load_sweep, sweep_dataset
-from trainable.atomic import atomic_write_text
 from search.space import SweepSpec
+from trainable.atomic import atomic_write_text
 from trainable.data.dataset import Dataset
-from trainable.train.groups import group_metrics
 from trainable.data.holdout import Holdout, split_holdout
+from trainable.train.groups import group_metrics
 
 
 def search_split(spec: SweepSpec, dataset: Dataset, log: Callable[[str], None] = lambda m: None) -> Holdout:

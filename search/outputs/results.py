@@ -16,12 +16,12 @@ import pandas as pd
 from pydantic import BaseModel
 from ray import tune
 
-from trainable.atomic import atomic_write_bytes, atomic_write_text
-from search.searcher import front_note, order_trials
 from search.rundir import SweepError
+from search.searcher import front_note, order_trials
+from trainable.atomic import atomic_write_bytes, atomic_write_text
 from trainable.data.dataset import Dataset
 from trainable.export import export_model
-from trainable.prepare import Prepared
+from trainable.shared import Prepared
 
 REPORTED = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "loss", "lung_mass", "edge_mass",
             "lung_enrichment", "worst_group_accuracy", "within_group_auc", "fold_mean_worst_group_accuracy",
@@ -139,7 +139,7 @@ def write_results(results: Path, spec, space_file: Path, dataset: Dataset, prepa
     export_model(results / "best", config, prepared, int(best["best_epoch"]),
                  metrics | {"trial_id": best.trial_id})
     summary = {
-        "name": results.name, "space_file": str(space_file), "wall_s": round(wall_s, 1),
+        "name": results.name, "space_file": str(space_file) if space_file else None, "wall_s": round(wall_s, 1),
         "trials": len(df), "finished": int(len(ok)), "stopped_early": int(ok["stopped_early"].sum()),
         "failed": int((df["status"] != "TERMINATED").sum()), "best_trial": best.trial_id,
         "objective": spec.objective.model_dump(), "data": {"root": str(dataset.root), "images": len(dataset),

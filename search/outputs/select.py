@@ -15,11 +15,12 @@ import pandas as pd
 from search.outputs.evidence import fold_heads, write_montage
 from search.outputs.heldout import search_dataset
 from search.rundir import SweepError, load_sweep, sweep_dataset
-from trainable.atomic import atomic_write_text
 from search.space import SweepSpec
+from trainable.atomic import atomic_write_text
 from trainable.export import export_model
-from trainable.models.features import FeatureKey
-from trainable.prepare import Prepared, prepare_local
+from trainable.models.featureset import FeatureKey
+from trainable.prepare import prepare_local
+from trainable.shared import Prepared
 
 
 def select_trial(trials: pd.DataFrame, metric: str, within: float) -> pd.Series:

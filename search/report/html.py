@@ -26,11 +26,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from trainable.atomic import atomic_write_text
-from search.report import plots
-from search.rundir import read_history, read_json, read_trials
 from search.objective import pareto_front  # noqa: F401 - the front is computed there; re-exported
+from search.report import plots
 from search.report.heldout_section import section_heldout
+from search.rundir import read_history, read_json, read_trials
+from trainable.atomic import atomic_write_text
 from trainable.errors import CxrtuneError
 
 TOP_MODELS = 3

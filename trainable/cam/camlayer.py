@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainable.models.backbones import Backbone, shared_backbone
+from trainable.cam.explain import normalise_and_resize, region_masses
+from trainable.data.images import geometry, to_model_input
+from trainable.models.backbones import Backbone, process_backbone
+from trainable.models.features import inference_batch_size
+from trainable.models.head import Classifier
 from trainable.models.loaders import random_feature_maps
 from trainable.models.registry import get_spec
-from trainable.models.features import inference_batch_size
-from trainable.cam.explain import normalise_and_resize, region_masses
-from trainable.models.head import Classifier
-from trainable.data.images import geometry, to_model_input
 
 FINAL = "final"   # the backbone's registry target layer: the fast path from cached maps
 
@@ -129,4 +129,4 @@ def layer_cam_for(backbone: str, weights: str, layer: str, margin: float, input_
     """The trial's LayerCam, or None for `final` (the fast path from cached maps)."""
     if layer == FINAL:
         return None
-    return LayerCam(shared_backbone(backbone, weights), layer, margin, input_size)
+    return LayerCam(process_backbone(backbone, weights), layer, margin, input_size)

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trainable.data.adapters import (IMAGE_SUFFIXES, OPTIONAL_COLUMNS, REQUIRED_COLUMNS,  # noqa: F401
-                                read_table)
+from trainable.data.adapters import IMAGE_SUFFIXES, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, read_table  # noqa: F401
 from trainable.errors import DataError
 
 # task name -> (class names in output order, label -> class name); `None` keeps labels as they are

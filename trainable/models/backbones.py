@@ -32,7 +32,14 @@ import torch
 from torch import nn
 
 from trainable.models import weights as _weights
-from trainable.models.loaders import FeatureMaps, XrvFeatureMaps, in_chans, load_feature_maps, prune_unused, random_feature_maps
+from trainable.models.loaders import (
+    FeatureMaps,
+    XrvFeatureMaps,
+    in_chans,
+    load_feature_maps,
+    prune_unused,
+    random_feature_maps,
+)
 from trainable.models.registry import BackboneSpec, UnknownBackboneError, available_backbones, get_spec  # noqa: F401 - re-exported: the factory's names
 
 __all__ = [
@@ -121,7 +128,7 @@ def build_backbone(name: str, weights: str = "imagenet", *, allow_download: bool
 
 
 @functools.lru_cache(maxsize=2)
-def shared_backbone(name: str, weights: str) -> Backbone:
+def process_backbone(name: str, weights: str) -> Backbone:
     """One build per worker process: a reused Tune actor runs many trials, and each fold or LayerCam
     of a trial needs the same weights. Shared: use it read-only, or `copy.deepcopy` it to train."""
     return build_backbone(name, weights)

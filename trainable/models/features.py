@@ -12,10 +12,10 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
 from trainable.models.backbones import Backbone, build_backbone
 from trainable.models.featureset import FeatureKey, FeatureSet
 from trainable.models.fold_bn import fold_batchnorm
-from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
 
 
 def inference_batch_size(device: torch.device | str | None = None) -> int:

@@ -46,8 +46,9 @@ from torch import nn
 from trainable.cam.camlayer import FINAL, LayerCam
 from trainable.cam.explain import edge_band, explanation_scores
 from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
-from trainable.models.backbones import build_backbone, shared_backbone
-from trainable.models.features import FeatureSet, inference_batch_size
+from trainable.models.backbones import build_backbone, process_backbone
+from trainable.models.features import inference_batch_size
+from trainable.models.featureset import FeatureSet
 from trainable.models.head import Classifier, Head, class_weights
 from trainable.shared import Prepared
 from trainable.train.checkpoint import restore_ft
@@ -177,7 +178,7 @@ class FtFold:
 def new_ft_fold(config: dict, fs: FeatureSet, head: Head, seed: int, cam_layer: str = FINAL,
                 input_size: int = 0) -> FtFold:
     # a copy of the process's one build: K folds don't each read the weights again
-    backbone = copy.deepcopy(shared_backbone(config["backbone"], config["weights"]))
+    backbone = copy.deepcopy(process_backbone(config["backbone"], config["weights"]))
     # a non-final cam_layer is explained on the model being fine-tuned (same modules), as in the head stage
     cam = None if cam_layer == FINAL else LayerCam(backbone, cam_layer, float(config["crop_margin"]), input_size)
     model = Classifier(backbone.model, copy.deepcopy(head))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+
 from trainable.train.metrics import auc
 
 

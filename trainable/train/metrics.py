@@ -39,15 +39,20 @@ def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def auc(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
+def auc(y_true: np.ndarray, probs: np.ndarray, n_classes: int, over: str = "all") -> float:
     """Binary AUC of the positive class, or the one-vs-rest macro mean for more classes (as
-    `roc_auc_score(multi_class="ovr", average="macro")`); NaN with fewer than two classes present."""
+    `roc_auc_score(multi_class="ovr", average="macro")`); NaN with fewer than two classes present.
+
+    `over="present"`: the one-vs-rest mean over the classes present in `y_true` only (how
+    `cxrtune evaluate` scores data that lacks a class of the model)."""
     y_true = np.asarray(y_true)
     present = np.unique(y_true)
     if len(present) < 2:
         return float("nan")
     if n_classes == 2:
         return binary_auc(y_true == 1, probs[:, 1])
+    if over == "present":
+        return float(np.mean([binary_auc(y_true == c, probs[:, c]) for c in present]))
     if len(present) < n_classes:  # scikit-learn's own rules (and errors) for a class missing from y
         from sklearn.metrics import roc_auc_score  # rare: not worth importing in every trial process
 
