@@ -106,7 +106,7 @@ class DataSpec(_Strict):
 
 class Objective(_Strict):
     """`weighted` | `constraint` | `pareto` (search.objective). In `pareto` mode the searcher maximises
-    [metric, lung_mass] (both reported by every trial) and ASHA stops on the weighted score (w)."""
+    [metric, focus] at each trial's best epoch so far and ASHA stops on the weighted score (w)."""
 
     mode: Literal["weighted", "constraint", "pareto"] = "weighted"
     metric: Literal[METRICS] = "balanced_accuracy"  # type: ignore[valid-type]
@@ -118,12 +118,12 @@ class Objective(_Strict):
         # a floor set in another mode would be silently ignored: say so instead
         if self.lung_floor > 0 and self.mode != "constraint":
             raise ValueError(f"lung_floor ({self.lung_floor}) applies to mode 'constraint' only "
-                             f"(mode is {self.mode!r}; pareto keeps lung_mass as its second objective)")
+                             f"(mode is {self.mode!r}; pareto keeps focus as its second objective)")
         return self
 
     def searcher_objectives(self) -> tuple[list[str], list[str]] | None:
         """(metrics, modes) for a multi-objective searcher in `pareto` mode; None otherwise."""
-        return ([self.metric, "lung_mass"], ["max", "max"]) if self.mode == "pareto" else None
+        return ([f"running_{self.metric}", "running_focus"], ["max", "max"]) if self.mode == "pareto" else None
 
 
 class Asha(_Strict):

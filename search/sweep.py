@@ -30,7 +30,7 @@ from search.durable import (
     publish_results,
     tune_location,
 )
-from search.objective import make_score
+from search.objective import check_metric_defined, make_score
 from search.outputs.heldout import check_split, score_heldout, search_split, write_split
 from search.outputs.results import write_results
 from search.outputs.select import export_selection
@@ -47,7 +47,7 @@ from trainable.data.holdout import Holdout
 from trainable.data.phantom import synthesize
 from trainable.models.featureset import FeatureKey
 from trainable.models.weights import offline_available
-from trainable.prepare import prepare_sweep
+from trainable.prepare import group_values, prepare_sweep
 from trainable.shared import Prepared
 from trainable.trial import run_trial
 
@@ -145,6 +145,9 @@ def run_sweep(spec: SweepSpec, *, space_file: Path | None = None, data: str | No
     dataset = split.search
     # the folds are checked here, before decoding and before Ray starts
     patient_folds(dataset.labels, dataset.patients, dataset.classes, spec.folds, spec.seed)
+    if spec.group_column in dataset.table:
+        check_metric_defined(spec.objective.metric, dataset.labels, group_values(dataset, spec.group_column),
+                             dataset.classes, spec.min_cell, spec.group_column)
     log(f"data: {len(dataset)} images, {len(set(dataset.patients))} patients, classes "
         + ", ".join(f"{c}={int((dataset.labels == k).sum())}" for k, c in enumerate(dataset.classes)))
     for note in dataset.notes:  # e.g. images a task dropped (covid_vs_viral)

@@ -28,3 +28,17 @@ def test_within_delta_takes_highest_lung_mass_then_lowest_edge_mass() -> None:
 def test_bad_delta_is_rejected() -> None:
     with pytest.raises(ValueError, match="within must be in"):
         select_trial(_trials(), "auc", -0.1)
+
+
+def test_asha_stopped_trials_are_not_compared_and_metric_best_is_the_metrics_own_best() -> None:
+    """A trial ASHA stopped had fewer epochs to reach its best: select and metric-best compare only the
+    trials that ran every epoch; metric-best takes each trial's highest metric at any epoch (peak_)."""
+    trials = _trials().assign(stopped_early=[False, False, True, False, False],
+                              best_focus=[0.1, 0.5, 0.9, 0.6, 0.9],
+                              peak_auc=[0.98, 0.985, 0.99, 0.975, 0.99])
+    assert select_trial(trials, "auc", 0.05)["trial_id"] == "d"   # c (stopped) would win on focus
+    assert select_trial(trials, "auc", 0.01)["trial_id"] == "d"   # ranked on best_focus once it exists
+    assert metric_best(trials, "auc")["trial_id"] == "b"          # its own best epoch, not the objective's
+    # a sweep where no trial ran every epoch still selects among the finished ones
+    cut = trials.assign(stopped_early=True)
+    assert select_trial(cut, "auc", 0.05)["trial_id"] == "c"

@@ -67,13 +67,13 @@ def _shared_arrays(dataset: Dataset, settings: Settings, keys: list[FeatureKey],
     fields = dict(settings=settings, classes=dataset.classes, labels=dataset.labels,
                   ids=ids, paths=dataset.table["path"].tolist(), folds=folds,
                   lung_masks=lung, mask_source=mask_source,
-                  groups=_groups(dataset, settings.group_column),
+                  groups=group_values(dataset, settings.group_column),
                   data_hash=dataset.content_hash())
     timings = {"decode_s": t_decode, "decode_cache_hit": float(decoded.hit)}
     return images, FeatureStore(root, decoded.digest), fields | {"timings": timings}
 
 
-def _groups(dataset: Dataset, column: str) -> np.ndarray:
+def group_values(dataset: Dataset, column: str) -> np.ndarray:
     """The grouping column as strings; images without a value form the group "unknown"."""
     if column not in dataset.table:
         raise DataError(f"group_column {column!r} is not a column of the data "

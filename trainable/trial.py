@@ -27,6 +27,11 @@ from trainable.train.lockstep import run_lockstep
 
 ScoreFn = Callable[[dict[str, float]], float]
 
+# reported again every epoch as `running_<name>`: the value at the trial's best epoch so far (by the
+# objective). ASHA, the searcher and trials.csv all rank on running_objective, so they agree.
+RUNNING = ("objective", "focus", "lung_mass", "edge_mass", "balanced_accuracy", "macro_f1", "auc", "accuracy",
+           "worst_group_accuracy", "within_group_auc", "loss")
+
 
 def run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
     """Ray Tune function trainable: reads `config`, reports CV metrics and a checkpoint per epoch."""
@@ -80,6 +85,8 @@ def _reporter(states: list[FoldState], history: list[dict], info: dict, score: S
         metrics["epoch"] = epoch_offset + epoch + 1
         metrics["stage"] = stage
         history.append({k: v for k, v in metrics.items() if not k.startswith("fold_") and k != "confusion"})
+        best = max(history, key=lambda h: h["objective"])  # the first of equal bests, as trials.csv takes it
+        metrics |= {f"running_{k}": best[k] for k in RUNNING if k in best}
         head_epochs = epoch + 1 if ft is None else epoch_offset
         with tempfile.TemporaryDirectory(prefix="cxrtune-ckpt-") as d:
             ckpt = save_checkpoint(d, states, head_epochs, history, None if ft is None else ft(epoch + 1))

@@ -16,6 +16,7 @@ import pandas as pd
 from pydantic import BaseModel
 from ray import tune
 
+from search.objective import full_budget
 from search.rundir import SweepError
 from search.searcher import front_note, order_trials
 from trainable.atomic import atomic_write_bytes, atomic_write_text
@@ -23,9 +24,11 @@ from trainable.data.dataset import Dataset
 from trainable.export import export_model
 from trainable.shared import Prepared
 
-REPORTED = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "loss", "lung_mass", "edge_mass",
+REPORTED = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "loss", "lung_mass", "edge_mass", "focus",
             "lung_enrichment", "worst_group_accuracy", "within_group_auc", "fold_mean_worst_group_accuracy",
-            "objective", "ft_epochs_kept")  # ft_epochs_kept: fine-tuning epochs export refits (trainable.train.finetune)
+            "objective", "ft_epochs_kept")
+# each metric's own best over a trial's epochs (`peak_<m>`): what metric-best compares
+PEAKED = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "worst_group_accuracy", "within_group_auc")  # ft_epochs_kept: fine-tuning epochs export refits (trainable.train.finetune)
 
 
 def trial_rows(result_grid: tune.ResultGrid, epochs: int) -> pd.DataFrame:
@@ -49,6 +52,7 @@ def trial_rows(result_grid: tune.ResultGrid, epochs: int) -> pd.DataFrame:
         per_class = [c for c in history.columns if c.startswith(("lung_mass_", "edge_mass_", "recall_"))]
         row.update({f"best_{k}": float(best[k]) for k in (*REPORTED, *per_class) if k in best})
         row.update({f"final_{k}": float(last[k]) for k in REPORTED if k in last})
+        row.update({f"peak_{k}": float(history[k].max()) for k in PEAKED if k in history})
         row["best_confusion"] = best.get("confusion", "")
         for k in ("node_id", "weights_source", "weights_sha256", "cam_grid"):
             row[k] = last.get(k, "")
@@ -75,7 +79,7 @@ def epoch_history(result_grid: tune.ResultGrid) -> pd.DataFrame:
 def leaderboard_markdown(df: pd.DataFrame, metric: str, searched: list[str], title: str, note: str = "") -> str:
     ok = df[df["status"] == "TERMINATED"]
     cols = ["trial_id", *searched, "epochs_run", "stopped_early", f"best_{metric}",
-            "best_lung_mass", "best_edge_mass", "best_objective", "pareto"]
+            "best_focus", "best_lung_mass", "best_edge_mass", "best_objective", "pareto"]
     table = ok[[c for c in cols if c in ok]].copy()
     for c in table.columns:
         if table[c].dtype.kind == "f":
@@ -96,13 +100,16 @@ def _why(ok: pd.DataFrame, metric: str) -> str:
     if ok.empty:
         return "No trial finished."
     best = ok.iloc[0]
-    by_metric = ok.loc[ok[f"best_{metric}"].idxmax()]
+    full = ok[full_budget(ok)]
+    peak = f"peak_{metric}" if f"peak_{metric}" in full else f"best_{metric}"
+    by_metric = full.loc[full[peak].idxmax()]
     text = (f"**Winner: trial {best.trial_id}** — {metric} {best[f'best_{metric}']:.3f}, "
+            f"focus {best.get('best_focus', float('nan')):.3f}, "
             f"lung mass {best.best_lung_mass:.3f}, edge mass {best.best_edge_mass:.3f}, "
             f"objective {best.best_objective:.3f} (epoch {best.best_epoch}).")
     if by_metric.trial_id != best.trial_id:
-        text += (f" A search on {metric} alone would pick trial {by_metric.trial_id} "
-                 f"({metric} {by_metric[f'best_{metric}']:.3f}), whose Grad-CAM puts "
+        text += (f" A search on {metric} alone (among the trials that ran every epoch) would pick trial "
+                 f"{by_metric.trial_id} ({metric} {by_metric[peak]:.3f}), whose Grad-CAM puts "
                  f"{by_metric.best_lung_mass:.1%} of its evidence on the lungs and "
                  f"{by_metric.best_edge_mass:.1%} on the image edges, against "
                  f"{best.best_lung_mass:.1%} and {best.best_edge_mass:.1%} for the winner.")

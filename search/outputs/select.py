@@ -1,8 +1,11 @@
 """`cxrtune select`: the most lung-focused trial whose metric is within Δ of the best.
 
 This is the choice Balvinsson et al. made by hand (InceptionResNetV2 at 97.2% over VGG19 at 98.0%,
-because its Grad-CAM evidence lay on lung tissue), made a rule: among finished trials with
-best_<metric> ≥ max − within, take the highest best_lung_mass (ties: lower edge mass).
+because its Grad-CAM evidence lay on lung tissue), made a rule: among the trials that ran every
+epoch (`search.objective.full_budget`: ASHA-stopped trials had fewer epochs to reach their best)
+with best_<metric> ≥ max − within, take the highest best_focus (chance-corrected, grid-normalised
+lung-vs-edge focus; ties: lower edge mass). Sweeps written before `focus` existed rank on
+best_lung_mass. Metric-best is the trial with the highest metric at any epoch (`peak_<metric>`).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Callable
 import pandas as pd
 
 from search.outputs.evidence import fold_heads, write_montage
+from search.objective import full_budget
 from search.outputs.heldout import search_dataset
 from search.rundir import SweepError, load_sweep, sweep_dataset
 from search.space import SweepSpec
@@ -23,20 +27,27 @@ from trainable.prepare import prepare_local
 from trainable.shared import Prepared
 
 
+def focus_column(trials: pd.DataFrame) -> str:
+    """The column that measures focus: best_focus, or best_lung_mass in sweeps from before it existed."""
+    return "best_focus" if "best_focus" in trials else "best_lung_mass"
+
+
 def select_trial(trials: pd.DataFrame, metric: str, within: float) -> pd.Series:
     if not 0 <= within <= 1:
         raise ValueError(f"within must be in [0, 1] (got {within})")
     col = f"best_{metric}"
-    ok = trials[(trials["status"] == "TERMINATED") & trials[col].notna()]
+    ok = trials[full_budget(trials) & trials[col].notna()]
     if ok.empty:
         raise SweepError("no finished trial to select from")
     near = ok[ok[col] >= ok[col].max() - within - 1e-12]
-    return near.sort_values(["best_lung_mass", "best_edge_mass"], ascending=[False, True]).iloc[0]
+    return near.sort_values([focus_column(trials), "best_edge_mass"], ascending=[False, True]).iloc[0]
 
 
 def metric_best(trials: pd.DataFrame, metric: str) -> pd.Series:
-    ok = trials[trials["status"] == "TERMINATED"]
-    return ok.loc[ok[f"best_{metric}"].idxmax()]
+    """The full-budget trial with the highest `metric` at any epoch (its own best, not the objective's)."""
+    ok = trials[full_budget(trials)]
+    col = f"peak_{metric}" if f"peak_{metric}" in trials else f"best_{metric}"
+    return ok.loc[ok[col].idxmax()]
 
 
 def local_prepared(results: Path, spec: SweepSpec, saved: dict, rows: list[pd.Series],
@@ -69,12 +80,16 @@ def export_selection(results: Path, within: float | None = None, metric: str | N
                if k.startswith("best_") and k != "best_epoch" and pd.notna(chosen[k])}
     out = export_model(results / "selected", trial_config(chosen, spec), prepared, int(chosen["best_epoch"]),
                        metrics | {"trial_id": chosen["trial_id"], "selected_by":
-                                  f"highest lung_mass with {metric} within {within} of the best"})
+                                  f"highest {focus_column(trials).removeprefix('best_')} with {metric} "
+                                  f"within {within} of the best, among trials that ran every epoch"})
     atomic_write_text(results / "selection.json", json.dumps({
         "metric": metric, "within": within, "selected": chosen["trial_id"],
         "metric_best": by_metric["trial_id"], "objective_best": best["trial_id"],
         "selected_metric": float(chosen[f"best_{metric}"]), "selected_lung_mass": float(chosen["best_lung_mass"]),
         "selected_edge_mass": float(chosen["best_edge_mass"]),
+        "selected_focus": float(chosen.get("best_focus", float("nan"))),
+        "metric_best_focus": float(by_metric.get("best_focus", float("nan"))),
+        "compared": "trials that ran every epoch (ASHA-stopped ones excluded)",
         "metric_best_metric": float(by_metric[f"best_{metric}"]),
         "metric_best_lung_mass": float(by_metric["best_lung_mass"]),
         "metric_best_edge_mass": float(by_metric["best_edge_mass"])}, indent=2))
@@ -89,7 +104,8 @@ def export_selection(results: Path, within: float | None = None, metric: str | N
     write_montage(out / "gradcam.png", prepared, [column[chosen["trial_id"]]])
     if (results / "best").is_dir():
         write_montage(results / "best" / "gradcam.png", prepared, [column[best["trial_id"]]])
-    log(f"selected trial {chosen['trial_id']} ({metric} {chosen[f'best_{metric}']:.3f}, lung mass "
+    log(f"selected trial {chosen['trial_id']} ({metric} {chosen[f'best_{metric}']:.3f}, "
+        f"focus {chosen.get('best_focus', float('nan')):.3f}, lung mass "
         f"{chosen['best_lung_mass']:.3f}, edge mass {chosen['best_edge_mass']:.3f}); metric-best "
         f"{by_metric['trial_id']} ({metric} {by_metric[f'best_{metric}']:.3f}, lung mass "
         f"{by_metric['best_lung_mass']:.3f}, edge mass {by_metric['best_edge_mass']:.3f}) → {out}")

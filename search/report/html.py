@@ -210,6 +210,7 @@ def section_summary(s: Sweep) -> str:
             f'<div class="role {role}"><h3>{_e(role)} <code>{_e(tid)}</code></h3>'
             f'<p class="why">{_e(explain[role])}{_same_as(s, role)}</p><dl>'
             f'<dt>{_e(s.metric)}</dt><dd>{_num(r.get(f"best_{s.metric}"))}</dd>'
+            f'<dt>focus</dt><dd>{_num(r.get("best_focus"))}</dd>'
             f'<dt>lung_mass</dt><dd>{_num(r.get("best_lung_mass"), ".1%")}</dd>'
             f'<dt>edge_mass</dt><dd>{_num(r.get("best_edge_mass"), ".1%")}</dd>'
             f'<dt>objective</dt><dd>{_num(r.get("best_objective"))}</dd></dl>'
@@ -270,7 +271,7 @@ def _objective_text(obj: dict) -> str:
         return "—"
     if obj.get("mode") == "constraint":
         return f"{obj.get('metric')} with lung_mass ≥ {obj.get('lung_floor')} (constraint mode)"
-    return f"{obj.get('metric')} + {obj.get('w')} · (lung_mass − edge_mass) (weighted mode)"
+    return f"{obj.get('metric')} + {obj.get('w')} · focus (weighted mode; focus: 0 = a uniform map, 1 = the lung mask)"
 
 
 def _space_text(space: dict) -> str:
@@ -304,7 +305,7 @@ def section_leaderboard(s: Sweep) -> str:
     searched = _searched(s)
     max_epochs = s.space.get("settings", {}).get("epochs")
     ranked = s.trials.sort_values("best_objective", ascending=False, na_position="last").reset_index(drop=True)
-    head = (["#", "trial"] + searched + ["epochs", "outcome", s.metric, "lung_mass", "edge_mass",
+    head = (["#", "trial"] + searched + ["epochs", "outcome", s.metric, "focus", "lung_mass", "edge_mass",
                                          "lung_enrichment", "objective"])
     text_cols = {"trial", "outcome"} | {k for k in searched if s.trials[k].dtype.kind not in "iuf"}
     ths = "".join(f'<th title="click to sort" data-sort="{"text" if h in text_cols else "num"}">'
@@ -325,7 +326,7 @@ def section_leaderboard(s: Sweep) -> str:
         else:
             err = str(r.get("error", "")) if pd.notna(r.get("error", "")) else ""
             cells.append(f'<td class="failed" title="{_e(err)}">failed ({_e(r["status"])})</td>')
-        for k, fmt in ((s.metric, ".3f"), ("lung_mass", ".3f"), ("edge_mass", ".3f"),
+        for k, fmt in ((s.metric, ".3f"), ("focus", ".3f"), ("lung_mass", ".3f"), ("edge_mass", ".3f"),
                        ("lung_enrichment", ".2f"), ("objective", ".3f")):
             v = r.get(f"best_{k}", np.nan)
             cells.append(_td(_num(v, fmt), v))
@@ -353,21 +354,26 @@ def _td(text: object, value: object) -> str:
 
 
 def section_tradeoff(s: Sweep) -> str:
-    ok = s.finished.dropna(subset=[f"best_{s.metric}", "best_lung_mass"]).reset_index(drop=True)
+    x = "best_focus" if "best_focus" in s.finished else "best_lung_mass"  # sweeps from before `focus`
+    ok = s.finished.dropna(subset=[f"best_{s.metric}", x]).reset_index(drop=True)
     if ok.empty:
         return '<section id="tradeoff"><h2>Accuracy vs lung focus</h2>' + _absent("No finished trial to plot.") + "</section>"
-    front = pareto_front(ok["best_lung_mass"], ok[f"best_{s.metric}"])
-    on = ", ".join(ok.loc[front].sort_values("best_lung_mass")["trial_id"].astype(str))
-    png = plots.tradeoff_plot(ok, s.metric, front, s.roles)
+    # the front among the trials that ran every epoch, as trials.csv's `pareto` column has it
+    front = (ok["pareto"].astype(str).str.lower().eq("true").to_numpy() if "pareto" in ok
+             else pareto_front(ok[x], ok[f"best_{s.metric}"]))
+    on = ", ".join(ok.loc[front].sort_values(x)["trial_id"].astype(str))
+    name = x.removeprefix("best_")
+    png = plots.tradeoff_plot(ok, s.metric, front, s.roles, x=x)
     return (f'<section id="tradeoff"><h2>Accuracy vs lung focus</h2>'
-            f'<p class="note">Pareto front (no trial is better on both {_e(s.metric)} and lung_mass): '
-            f'<code>{_e(on)}</code>.{_e(_pareto_mode_note(s))}</p>{_img(png, "metric vs lung_mass scatter with the Pareto front")}</section>')
+            f'<p class="note">Pareto front among the trials that ran every epoch (none is better on both '
+            f'{_e(s.metric)} and {_e(name)}): <code>{_e(on)}</code>.{_e(_pareto_mode_note(s))}</p>'
+            f'{_img(png, f"metric vs {name} scatter with the Pareto front")}</section>')
 
 
 def _pareto_mode_note(s: Sweep) -> str:
     if s.space.get("spec", {}).get("objective", {}).get("mode") != "pareto":
         return ""
-    return (f" Objective mode pareto: the searcher maximised {s.metric} and lung_mass together, ASHA "
+    return (f" Objective mode pareto: the searcher maximised {s.metric} and focus together, ASHA "
             f"stopped trials on the weighted objective, and best/ is the front member with the highest objective.")
 
 

@@ -43,12 +43,14 @@ def png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def tradeoff_plot(trials: pd.DataFrame, metric: str, front: np.ndarray, marks: dict[str, str]) -> bytes:
-    """best_<metric> against best_lung_mass, one point per finished trial, the Pareto front as a staircase.
+def tradeoff_plot(trials: pd.DataFrame, metric: str, front: np.ndarray, marks: dict[str, str],
+                  x: str = "best_focus") -> bytes:
+    """best_<metric> against `x` (best_focus), one point per finished trial, the Pareto front as a staircase.
 
     `front` is a boolean mask over `trials`' rows; `marks` maps a role in MARKS to a trial id.
     """
-    x, y = trials["best_lung_mass"].to_numpy(float), trials[f"best_{metric}"].to_numpy(float)
+    xname = x
+    x, y = trials[xname].to_numpy(float), trials[f"best_{metric}"].to_numpy(float)
     stopped = trials["stopped_early"].astype(bool).to_numpy()
     fig = _figure(6.4, 4.6)
     ax = fig.add_subplot()
@@ -71,7 +73,8 @@ def tradeoff_plot(trials: pd.DataFrame, metric: str, front: np.ndarray, marks: d
             marker, colour, text = MARKS[role]
             ax.scatter(x[hit], y[hit], marker=marker, s=260 if marker == "*" else 120, facecolors="none"
                        if marker != "*" else colour, edgecolors=colour, lw=1.8, zorder=4, label=f"{text}: {tid}")
-    ax.set_xlabel("lung_mass — share of Grad-CAM evidence on the lungs  →", fontsize=9)
+    ax.set_xlabel("focus — lung vs edge evidence, 0 = uniform map, 1 = the lung mask  →" if xname == "best_focus"
+                  else "lung_mass — share of Grad-CAM evidence on the lungs  →", fontsize=9)
     ax.set_ylabel(f"{metric} (cross-validated)  →", fontsize=9)
     ax.set_title(f"{metric} vs lung focus (best epoch of each trial)", fontsize=10)
     ax.margins(0.12)

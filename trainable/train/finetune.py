@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from trainable.cam.camlayer import FINAL, LayerCam
-from trainable.cam.explain import edge_band, explanation_scores
+from trainable.cam.explain import edge_band, explanation_scores, focus_reference
 from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
 from trainable.models.backbones import build_backbone, process_backbone
 from trainable.models.features import inference_batch_size
@@ -256,6 +256,10 @@ class FtStage:
         self.folds = [new_ft_fold(config, fs, st.head, s.seed + 1000 + k, s.cam_layer, s.input_size)
                       for k, st in enumerate(states)]
         self.done = restore_ft(self.folds, resume) if resume else 0
+        cam = self.folds[0].cam if self.folds else None
+        self.reference = focus_reference(prepared.lung_masks[float(config["crop_margin"])],
+                                         edge_band(s.input_size, s.edge_band),
+                                         *(cam.grid if cam is not None else fs.maps.shape[2:]))
 
     def run_fold(self, k: int, epoch: int) -> FoldResult | None:
         ff, config, s, y = self.folds[k], self.config, self.prepared.settings, self.y
@@ -295,7 +299,7 @@ class FtStage:
         else:
             head = copy.deepcopy(ff.model.head).cpu()  # the exact Grad-CAM formula runs on the CPU maps
             lung_mass, edge_mass = explanation_scores(head, maps, targets, lung, edge)
-        return fold_result(prepared, va, probs, lung_mass, edge_mass, float(lung.mean()), train_loss)
+        return fold_result(prepared, va, probs, lung_mass, edge_mass, self.reference, train_loss)
 
 
 def finetune_folds(states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,

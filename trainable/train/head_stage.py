@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from trainable.cam.explain import GridScorer, edge_band
+from trainable.cam.explain import GridScorer, edge_band, focus_reference
 from trainable.models.featureset import FeatureSet
 from trainable.models.head import Head, class_weights, predict_proba, train_one_epoch
 from trainable.shared import Prepared
@@ -90,8 +90,8 @@ class HeadStage:
         self.lung = prepared.lung_masks[float(config["crop_margin"])]
         self.edge = edge_band(s.input_size, s.edge_band)
         self.scoring = scoring if cam is not None or scoring is not None else cached_scoring(config, prepared, fs)
-        # per image: the share of the input its lung mask covers
-        self.lung_share = self.lung.mean(axis=(1, 2)) if self.scoring is None else self.scoring.scorer.lung_share
+        # focus is relative to the map grid the masses are scored on: the cached maps', or cam_layer's
+        self.reference = focus_reference(self.lung, self.edge, *(cam.grid if cam is not None else fs.maps.shape[2:]))
 
     def run_fold(self, k: int, epoch: int) -> FoldResult:
         config, prepared, s, y = self.config, self.prepared, self.prepared.settings, self.y
@@ -111,8 +111,7 @@ class HeadStage:
         else:   # settings.cam_layer: the full model at a higher-resolution layer (trainable.cam.camlayer)
             lung_mass, edge_mass = self.cam.masses(st.head, prepared.image_array()[va], targets,
                                                    self.lung[va], self.edge)
-        return fold_result(prepared, va, probs, lung_mass, edge_mass, float(self.lung_share[va].mean()),
-                           train_loss)
+        return fold_result(prepared, va, probs, lung_mass, edge_mass, self.reference, train_loss)
 
     def finish_epoch(self, epoch: int, results: list[FoldResult | None], final: bool
                      ) -> tuple[list[FoldResult], dict[str, float], bool]:

@@ -19,6 +19,7 @@ from typing import Protocol, TypedDict
 import numpy as np
 import torch
 
+from trainable.cam.explain import FocusReference, focus
 from trainable.shared import Prepared
 from trainable.train.groups import group_metrics
 from trainable.train.metrics import classification_metrics, confusion
@@ -74,17 +75,17 @@ def cam_targets(target: str, labels: np.ndarray, probs: np.ndarray, classes: tup
 
 
 def fold_result(prepared: Prepared, va: np.ndarray, probs: np.ndarray, lung_mass: np.ndarray,
-                edge_mass: np.ndarray, lung_share: float, train_loss: float) -> FoldResult:
+                edge_mass: np.ndarray, reference: FocusReference, train_loss: float) -> FoldResult:
     return FoldResult(va=va, probs=probs, lung_mass=lung_mass, edge_mass=edge_mass,
-                      metrics=fold_metrics(prepared, va, probs, lung_mass, edge_mass, lung_share, train_loss))
+                      metrics=fold_metrics(prepared, va, probs, lung_mass, edge_mass, reference, train_loss))
 
 
 def fold_metrics(prepared: Prepared, va: np.ndarray, probs: np.ndarray, lung_mass: np.ndarray,
-                 edge_mass: np.ndarray, lung_share: float, train_loss: float) -> dict[str, float]:
-    """One fold's validation metrics, group metrics and Grad-CAM masses.
+                 edge_mass: np.ndarray, reference: FocusReference, train_loss: float) -> dict[str, float]:
+    """One fold's validation metrics, group metrics, Grad-CAM masses and focus.
 
-    `lung_share`: the mean fraction of the validation images the lung masks cover (lung_enrichment
-    is lung_mass over it)."""
+    `reference`: the focus references of every image at this crop and map grid
+    (`trainable.cam.explain.focus_reference`); the fold reads its validation rows `va`."""
     s = prepared.settings
     y = np.asarray(prepared.labels)
     m = classification_metrics(y[va], probs, len(prepared.classes))
@@ -93,7 +94,8 @@ def fold_metrics(prepared: Prepared, va: np.ndarray, probs: np.ndarray, lung_mas
              within_group_auc=fold_groups["within_group_auc"])
     m.update(train_loss=train_loss, lung_mass=float(lung_mass.mean()),
              edge_mass=float(edge_mass.mean()),
-             lung_enrichment=float(lung_mass.mean() / max(lung_share, 1e-9)))
+             lung_enrichment=float(lung_mass.mean() / max(float(reference.lung_share[va].mean()), 1e-9)),
+             focus=focus(lung_mass, edge_mass, reference, va))
     return m
 
 
@@ -131,4 +133,4 @@ def summarise_folds(prepared: Prepared, per_fold: dict[str, list[float]], oof_pr
         out[f"edge_mass_{name}"] = float(oof_edge[y == c].mean())
     out["confusion"] = json.dumps(confusion(y, oof_probs.argmax(1), len(prepared.classes)).tolist())
     return out | {f"fold_{name}": values for name, values in per_fold.items()
-                  if name in ("balanced_accuracy", "lung_mass", "worst_group_accuracy")}
+                  if name in ("balanced_accuracy", "lung_mass", "focus", "worst_group_accuracy")}
