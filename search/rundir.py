@@ -2,6 +2,7 @@
 
     RESULTS/space.json     the spec, settings, data location and hash, storage (written first)
     RESULTS/heldout.json   the held-out patients (search.outputs.heldout)
+    RESULTS/folds.csv      image id → validation fold, as every trial used them (checked on reload)
     RESULTS/trials.csv     one row per trial (search.outputs.results; rewritten live as trials end)
     RESULTS/history.csv    one row per trial and epoch
     RESULTS/summary.json, selection.json, confusion.json, best/, selected/, report.html, tune/
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from search.space import SweepSpec
@@ -20,6 +22,7 @@ from trainable.atomic import atomic_write_text  # noqa: F401 - part of this modu
 from trainable.data.dataset import Dataset, load_dataset
 from trainable.errors import CxrtuneError
 
+FOLDS_FILE = "folds.csv"
 _IDS = {"trial_id": str}  # hex trial ids such as 12e45678 must not turn into numbers
 
 
@@ -42,6 +45,33 @@ def load_sweep(results: Path) -> tuple[SweepSpec, pd.DataFrame, dict]:
         raise SweepError(f"{results} is not a finished sweep (trials.csv and space.json are needed)")
     record = load_record(results)
     return SweepSpec.model_validate(record["spec"]), read_trials(results), record
+
+
+def write_folds(results: Path, ids: list[str], folds: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """folds.csv: the validation fold of every search image (what `select`/montages must reuse)."""
+    atomic_write_text(Path(results) / FOLDS_FILE, _folds_table(ids, folds).to_csv(index=False))
+
+
+def check_folds(results: Path, ids: list[str], folds: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Refuse folds rebuilt elsewhere (another scikit-learn, changed data) that differ from folds.csv:
+    a montage would explain images with heads that trained on them."""
+    path = Path(results) / FOLDS_FILE
+    if not path.is_file():  # sweeps written before folds.csv existed
+        return
+    saved = pd.read_csv(path, dtype={"id": str}).sort_values("id").reset_index(drop=True)
+    rebuilt = _folds_table(ids, folds).sort_values("id").reset_index(drop=True)
+    if not saved.equals(rebuilt):
+        differ = set(saved.itertuples(index=False)) ^ set(rebuilt.itertuples(index=False))
+        first = sorted(differ)[0]
+        raise SweepError(f"{path}: the folds rebuilt from the data differ from the sweep's ({len(differ)} "
+                         f"row(s), e.g. image {first[0]!r}); the data or scikit-learn changed since the run")
+
+
+def _folds_table(ids: list[str], folds: list[tuple[np.ndarray, np.ndarray]]) -> pd.DataFrame:
+    fold_of = np.full(len(ids), -1, np.int64)
+    for k, (_, va) in enumerate(folds):
+        fold_of[va] = k
+    return pd.DataFrame({"id": [str(i) for i in ids], "fold": fold_of})
 
 
 def sweep_dataset(record: dict, spec: SweepSpec) -> Dataset:

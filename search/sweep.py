@@ -35,7 +35,7 @@ from search.outputs.heldout import check_split, score_heldout, search_split, wri
 from search.outputs.results import write_results
 from search.outputs.select import export_selection
 from search.report.html import cluster_hardware, write_report
-from search.rundir import SweepError, load_record, sweep_dataset
+from search.rundir import SweepError, check_folds, load_record, sweep_dataset, write_folds
 from search.searcher import search_algorithms
 from search.space import SpaceError, SweepSpec, Synthetic, tune_param_space
 from trainable.atomic import atomic_write_text
@@ -167,6 +167,7 @@ def run_sweep(spec: SweepSpec, *, space_file: Path | None = None, data: str | No
             "use --storage s3://… (or a directory every node and this machine share)")
     start_ray(address, log)
     prepared = prepare(spec, dataset, log)
+    write_folds(results, prepared.ids, prepared.folds)
     tuner = make_tuner(spec, prepared, results, log, callbacks=trackers, storage=storage)
     return finish_sweep(results, spec, space_file, dataset, prepared, tuner, t_start=t_start,
                         storage=storage, log=log, split=split)
@@ -197,6 +198,7 @@ def resume_sweep(results: str | Path, *, address: str | None = None,
     dataset = split.search
     start_ray(address, log)
     prepared = prepare(spec, dataset, log)
+    check_folds(results, prepared.ids, prepared.folds)
     log(f"resuming {path} (unfinished and errored trials continue from their last checkpoints)")
     tuner = tune.Tuner.restore(path, trainable=make_trainable(spec, prepared),
                                resume_unfinished=True, resume_errored=True)

@@ -82,6 +82,11 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
                           "grayscale": True, "value_range": "[0, 1] before mean/std"},
         "target_layer": f"backbone.{backbone.target_layer}",
         "edge_band": prepared.settings.edge_band,
+        # how CV scored Grad-CAM and groups: evaluate, held-out scoring and the montages score the same way
+        "scoring": {k: getattr(prepared.settings, k) for k in
+                    ("lung_masks", "atlas_threshold", "cam_target", "cam_layer", "min_cell", "group_column",
+                     "edge_band")},
+        "atlas_threshold": prepared.settings.atlas_threshold,
         "config": config,
         "epochs": int(epochs),
         "finetuned": {"ft_epochs": n_ft, "ft_lr": float(config["ft_lr"]), "ft_blocks": config["ft_blocks"],

@@ -26,13 +26,14 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 
 from trainable.atomic import atomic_write_text
-from trainable.cam.explain import edge_band, explanation_scores
+from trainable.cam.explain import FocusReference, edge_band, explanation_scores, focus, focus_reference
 from trainable.data.dataset import TASKS, Dataset, load_dataset
 from trainable.data.images import decode_images, geometry, mask_geometry, to_model_input
 from trainable.data.lungs import lung_atlas
 from trainable.errors import DataError
 from trainable.export import load_model
 from trainable.models.features import inference_batch_size
+from trainable.train.lockstep import cam_targets
 from trainable.train.metrics import auc
 
 
@@ -69,14 +70,20 @@ def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_s
     y = np.array([classes.index(mapping[lab]) for lab in dataset.table["label"].astype(str)], np.int64)
     pre = meta["preprocessing"]
     size, margin, input_size = int(pre["base_size"]), float(pre["crop_margin"]), int(pre["input_size"])
+    scoring = scoring_settings(meta)
     log(f"decoding {len(dataset)} images at {size}px")
     images, masks = decode_images(dataset, size)
-    has_mask = dataset.has_masks
+    has_mask = dataset.has_masks if scoring["lung_masks"] != "atlas" else np.zeros(len(dataset), bool)
+    if scoring["lung_masks"] == "data" and not has_mask.all():
+        first = dataset.table["id"].astype(str).to_numpy()[~has_mask][0]
+        raise DataError(f"{data}: the model was scored with lung_masks: data, and image {first!r} has no mask "
+                        f"({int((~has_mask).sum())} of {len(dataset)} have none)")
     if not has_mask.all():
-        masks[~has_mask] = lung_atlas(size, float(meta.get("atlas_threshold", 0.5)))
-    edge = edge_band(input_size, float(meta["edge_band"]))
-    probs, lung, edge_m, area = [], [], [], []
-    log(f"scoring with {meta['backbone']} ({len(classes)} classes)")
+        masks[~has_mask] = lung_atlas(size, float(scoring["atlas_threshold"]))
+    edge = edge_band(input_size, float(scoring["edge_band"]))
+    probs, lung, edge_m, area, ref_u, ref_m = [], [], [], [], [], []
+    log(f"scoring with {meta['backbone']} ({len(classes)} classes; Grad-CAM of the {scoring['cam_target']} class"
+        f", final layer)")
     for s in range(0, len(images), batch_size):
         sl = slice(s, s + batch_size)
         x = to_model_input(geometry(images[sl], margin, input_size), int(pre["in_chans"]),
@@ -85,18 +92,24 @@ def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_s
             maps = model.backbone(x).float()
             probs.append(torch.softmax(model.head(maps.mean(dim=(2, 3))), 1).numpy())
         lm = mask_geometry(masks[sl], margin, input_size)
-        a, b = explanation_scores(model.head, maps, torch.from_numpy(y[sl]), lm, edge)
+        targets = cam_targets(str(scoring["cam_target"]), y[sl], probs[-1], tuple(classes))
+        a, b = explanation_scores(model.head, maps, targets, lm, edge)
+        ref = focus_reference(lm, edge, *maps.shape[2:])
         lung.append(a)
         edge_m.append(b)
         area.append(lm.mean(axis=(1, 2)))
+        ref_u.append(ref.uniform)
+        ref_m.append(ref.mask)
     p = np.concatenate(probs)
     lung_mass, edge_mass, lung_area = np.concatenate(lung), np.concatenate(edge_m), np.concatenate(area)
+    reference = FocusReference(np.concatenate(ref_u), np.concatenate(ref_m), lung_area)
     result = {"model": str(model_dir), "data": str(data), "format": dataset.format,
               "backbone": meta["backbone"], "classes": classes, "label_mapping": mapping,
               "images": int(len(dataset)), "patients": int(len(set(dataset.patients))),
-              "masks": {"data": int(has_mask.sum()), "atlas": int((~has_mask).sum())},
+              "masks": {"data": int(has_mask.sum()), "atlas": int((~has_mask).sum())}, "scoring": scoring,
               "trained_on_this_data": _same_data(dataset, meta.get("data_hash"))}
     result.update(scores(y, p, classes, lung_mass, edge_mass, lung_area))
+    result["metrics"]["focus"] = focus(lung_mass, edge_mass, reference)
     result["by_source"] = _by_group(dataset.table["source"].astype(str).to_numpy(), y, p, lung_mass, edge_mass)
     result["per_image"] = [
         {"id": i, "label": classes[t], "predicted": classes[int(pr.argmax())],
@@ -104,6 +117,19 @@ def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_s
          "edge_mass": round(float(em), 5), "mask": "data" if hm else "atlas"}
         for i, t, pr, lm, em, hm in zip(dataset.table["id"].astype(str), y, p, lung_mass, edge_mass, has_mask)]
     return result
+
+
+def scoring_settings(meta: dict) -> dict:
+    """How the sweep scored Grad-CAM (metadata.json["scoring"]); models exported before it was
+    recorded get the defaults they were scored with. `cam_layer` other than final and PSPNet masks
+    are not recomputed here: the final layer and the data's masks (else the atlas) are used."""
+    recorded = meta.get("scoring") or {}
+    out = {"lung_masks": "auto", "atlas_threshold": float(meta.get("atlas_threshold", 0.5)), "cam_target": "true",
+           "cam_layer": "final", "min_cell": 5, "group_column": "source", "edge_band": float(meta["edge_band"])}
+    out |= {k: v for k, v in recorded.items() if k in out}
+    if out["lung_masks"] == "pspnet":
+        out["lung_masks"] = "auto"
+    return out
 
 
 def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], lung_mass: np.ndarray,

@@ -24,6 +24,7 @@ from trainable.models.head import Classifier, Head, predict_proba  # noqa: E402
 from trainable.shared import Prepared, with_defaults  # noqa: E402
 from trainable.train.checkpoint import fold_models, read_checkpoint  # noqa: E402
 from trainable.train.finetune import fold_model, predict_with_maps  # noqa: E402
+from trainable.train.lockstep import cam_targets  # noqa: E402
 
 
 def fold_heads(results: Path, trial_id: str) -> list[dict]:
@@ -75,14 +76,15 @@ def trial_cams(prepared: Prepared, config: dict, heads: list[dict], picks: np.nd
             probs, maps = predict_with_maps(models[k], prepared.image_array()[i:i + 1], fs.preprocessing,
                                             float(config["crop_margin"]), size)
             preds.append(int(probs.argmax()))
-            cams.append(normalise_and_resize(gradcam_from_maps(head, maps, torch.tensor([prepared.labels[i]])),
-                                             size)[0].detach().numpy())
+            target = cam_targets(prepared.settings.cam_target, prepared.labels[i:i + 1], probs, prepared.classes)
+            cams.append(normalise_and_resize(gradcam_from_maps(head, maps, target), size)[0].detach().numpy())
             continue
         head = Head(fs.maps.shape[1], int(config["hidden"]), len(prepared.classes), float(config["dropout"]))
         head.load_state_dict(heads[fold_of[i]])
         maps = torch.from_numpy(fs.maps[i:i + 1].astype(np.float32))
-        preds.append(int(predict_proba(head, maps.mean(dim=(2, 3))).argmax()))
-        target = torch.tensor([prepared.labels[i]])
+        probs = predict_proba(head, maps.mean(dim=(2, 3)))
+        preds.append(int(probs.argmax()))
+        target = cam_targets(prepared.settings.cam_target, prepared.labels[i:i + 1], probs, prepared.classes)
         cams.append(normalise_and_resize(gradcam_from_maps(head, maps, target), size)[0].detach().numpy())
     cams_arr = np.stack(cams)
     lung_mass, edge_mass = region_masses(cams_arr, lung[picks], edge)
@@ -113,7 +115,9 @@ def write_montage(out_png: Path, prepared: Prepared, columns: list[tuple[str, di
             ax.set_title(f"{'' if r else title + chr(10)}{prepared.ids[i]}: {truth}→{pred}\n"
                          f"lung {lung_mass[r]:.2f}  edge {edge_mass[r]:.2f}", fontsize=8)
             ax.axis("off")
-    fig.suptitle("Grad-CAM (target: true class)\ngreen: lung mask · dashed: edge band", fontsize=9)
+    target = prepared.settings.cam_target
+    fig.suptitle(f"Grad-CAM (target: {target if target not in ('true', 'predicted') else target + ' class'})"
+                 "\ngreen: lung mask · dashed: edge band", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / len(picks)))
     with atomic_file(out_png) as f:
         fig.savefig(f, dpi=80, format="png")

@@ -23,7 +23,7 @@ from search.space import SweepSpec
 from trainable.atomic import atomic_write_text
 from trainable.data.dataset import Dataset
 from trainable.data.holdout import Holdout, split_holdout
-from trainable.train.groups import group_metrics
+from trainable.train.groups import cell_key, group_metrics
 
 
 def search_split(spec: SweepSpec, dataset: Dataset, log: Callable[[str], None] = lambda m: None) -> Holdout:
@@ -74,14 +74,17 @@ def score_model(model_dir: Path, split: Holdout, spec: SweepSpec, log: Callable[
     probs = np.array([p["probabilities"] for p in r["per_image"]])
     groups = (split.heldout.table[spec.group_column].astype(str).to_numpy()
               if spec.group_column in split.heldout.table else np.array(["all"] * len(y)))
-    # every (group × class) cell, however small: the held-out set is a fifth of the data; `cells` says n
-    gm = group_metrics(y, probs, groups, tuple(classes), min_cell=1)
-    cells = {f"{g}|{c}": int(((groups == g) & (y == k)).sum())
+    # worst-group accuracy and within-group AUC as CV computes them (the sweep's min_cell); the recall of
+    # every cell, however small, is listed too, each with its n (`group_cells`, same keys)
+    gm = group_metrics(y, probs, groups, tuple(classes), min_cell=spec.min_cell)
+    every = group_metrics(y, probs, groups, tuple(classes), min_cell=1)
+    cells = {cell_key(g, c): int(((groups == g) & (y == k)).sum())
              for g in sorted(set(groups.tolist())) for k, c in enumerate(classes) if ((groups == g) & (y == k)).any()}
     cv = meta.get("cv_metrics", {})
     return {"trial_id": cv.get("trial_id"), "config": meta.get("config", {}),
             "metrics": r["metrics"] | {k: gm[k] for k in ("worst_group_accuracy", "within_group_auc")},
-            "group_recall": {k: v for k, v in gm.items() if k.startswith("recall_")}, "group_cells": cells,
+            "min_cell": spec.min_cell,
+            "group_recall": {k: v for k, v in every.items() if k.startswith("recall_")}, "group_cells": cells,
             "per_class": r["per_class"], "confusion_matrix": r["confusion_matrix"], "by_source": r["by_source"],
             "per_image": [{k: p[k] for k in ("id", "label", "predicted", "probabilities")} for p in r["per_image"]],
             "cv_metrics": {k: v for k, v in cv.items() if k != "trial_id"}}

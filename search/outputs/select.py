@@ -18,7 +18,7 @@ import pandas as pd
 from search.outputs.evidence import fold_heads, write_montage
 from search.objective import full_budget
 from search.outputs.heldout import search_dataset
-from search.rundir import SweepError, load_sweep, sweep_dataset
+from search.rundir import SweepError, check_folds, load_sweep, sweep_dataset
 from search.space import SweepSpec
 from trainable.atomic import atomic_write_text
 from trainable.export import export_model
@@ -58,7 +58,9 @@ def local_prepared(results: Path, spec: SweepSpec, saved: dict, rows: list[pd.Se
     keys = [FeatureKey.of({k: r[k] if k in r else spec.choices(k)[0] for k in ("backbone", "weights", "crop_margin")},
                           spec.input_size) for r in rows]
     augments = {str(r["augment"]) if "augment" in r else str(spec.choices("augment")[0]) for r in rows}
-    return prepare_local(dataset, spec.settings(), keys, augments, progress=log)
+    prepared = prepare_local(dataset, spec.settings(), keys, augments, progress=log)
+    check_folds(results, prepared.ids, prepared.folds)  # the heads of each fold never saw its images
+    return prepared
 
 
 def trial_config(row: pd.Series, spec: SweepSpec) -> dict:

@@ -57,7 +57,11 @@ def section_heldout(results: Path) -> str:
     cells = ""
     for role, name in ROLES:
         if role in out and out[role].get("group_recall"):
-            cells += (f"<p>{html.escape(name)}: recall per (group × class) cell — "
+            n = out[role].get("group_cells", {})
+            floor = out[role].get("min_cell")
+            note = f" (worst-group acc. over the cells with n ≥ {floor})" if floor else ""
+            cells += (f"<p>{html.escape(name)}: recall per (group × class) cell{html.escape(note)} — "
                       + ", ".join(f"{html.escape(k.removeprefix('recall_'))} {_fmt(v)}"
+                                  + (f" (n={n[k]})" if k in n else "")
                                   for k, v in out[role]["group_recall"].items()) + "</p>")
     return f'<section id="heldout"><h2>Held-out test</h2><p>{html.escape(lines[2])}</p>{table}{cells}</section>'

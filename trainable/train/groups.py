@@ -16,6 +16,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", str(text)).strip("_") or "none"
 
 
+def cell_key(group: object, class_name: str) -> str:
+    """The metric name of a (group × class) cell's recall: `recall_<group>_<class>`."""
+    return f"recall_{_slug(group)}_{_slug(class_name)}"
+
+
 def group_metrics(y: np.ndarray, probs: np.ndarray, groups: np.ndarray, classes: tuple[str, ...],
                   min_cell: int = 5) -> dict[str, float]:
     """Recall per (group × class) cell with >= `min_cell` images, their minimum
@@ -30,7 +35,7 @@ def group_metrics(y: np.ndarray, probs: np.ndarray, groups: np.ndarray, classes:
             cell = in_g & (y == c)
             if cell.sum() >= min_cell:
                 r = float((pred[cell] == c).mean())
-                out[f"recall_{_slug(g)}_{_slug(name)}"] = r
+                out[cell_key(g, name)] = r
                 recalls.append(r)
     out["worst_group_accuracy"] = min(recalls) if recalls else float("nan")
     aucs = []
