@@ -47,8 +47,11 @@ def trial_rows(result_grid: tune.ResultGrid, epochs: int) -> pd.DataFrame:
         last = history.iloc[-1]
         n = int(last["training_iteration"])
         planned = epochs + int((result.config or {}).get("ft_epochs", 0) or 0)  # ft epochs follow the head's
+        patience = bool(last.get("ft_patience_stop", 0) or 0)
+        cut = bool(result.error is None and n < planned)
         row.update(status="ERROR" if result.error else "TERMINATED", epochs_run=n,
-                   stopped_early=bool(result.error is None and n < planned), best_epoch=int(best["epoch"]))
+                   stopped_early=cut, stopped_by=("patience" if patience else "asha") if cut else "",
+                   best_epoch=int(best["epoch"]))
         per_class = [c for c in history.columns if c.startswith(("lung_mass_", "edge_mass_", "recall_"))]
         row.update({f"best_{k}": float(best[k]) for k in (*REPORTED, *per_class) if k in best})
         row.update({f"final_{k}": float(last[k]) for k in REPORTED if k in last})

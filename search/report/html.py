@@ -321,7 +321,8 @@ def section_leaderboard(s: Sweep) -> str:
         epochs = int(r["epochs_run"]) if pd.notna(r.get("epochs_run")) else 0
         cells.append(_td(f"{epochs}/{max_epochs}" if max_epochs else epochs, epochs))
         if ok:
-            outcome = f"stopped by ASHA at {epochs}" if r["stopped_early"] else "ran every epoch"
+            by = "patience (every fold's ft early stopping)" if r.get("stopped_by") == "patience" else "ASHA"
+            outcome = f"stopped by {by} at {epochs}" if r["stopped_early"] else "ran every epoch"
             cells.append(f'<td class="{"cut" if r["stopped_early"] else ""}">{_e(outcome)}</td>')
         else:
             err = str(r.get("error", "")) if pd.notna(r.get("error", "")) else ""

@@ -1,7 +1,7 @@
 """The one owner of a trial's checkpoint format (`state.pt` in a Tune checkpoint directory).
 
     {"epoch": head epochs done, "history": [per-epoch metrics],
-     "heads": [head state_dict per fold], "optimizers": [...], "generators": [...],
+     "heads": [head state_dict per fold], "optimizers": [...], "generators": [...], "torch_rng": dropout's RNG,
      "ft": {"done": ft epochs done, "folds": [per fold: model, optimizer, generator, early-stopping
             counters, stopped, current and best validation result]}   # only once fine-tuning ran}
 
@@ -45,7 +45,9 @@ def save_checkpoint(d: str, states: list[FoldState], epoch: int, history: list[d
     state = {"epoch": epoch, "history": history,
              "heads": [st.head.state_dict() for st in states],
              "optimizers": [st.optimizer.state_dict() for st in states],
-             "generators": [st.generator.get_state() for st in states]}
+             "generators": [st.generator.get_state() for st in states],
+             # dropout draws from torch's global generator: a resumed trial continues its stream
+             "torch_rng": torch.get_rng_state()}
     if ft is not None:
         state["ft"] = ft
     torch.save(state, os.path.join(d, STATE_FILE))
@@ -66,6 +68,8 @@ def restore_heads(states: list[FoldState], state: dict) -> tuple[int, list[dict]
         st.head.load_state_dict(h)
         st.optimizer.load_state_dict(o)
         st.generator.set_state(g)
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
     return state["epoch"], state["history"]
 
 

@@ -284,7 +284,10 @@ class FtStage:
             for ff in self.folds:
                 ff.early.restore(ff.model)
         reported = [ff.best if (last or ff.stopped) else ff.current for ff in self.folds]
-        return reported, {"ft_epochs_kept": float(np.mean([ff.early.best_epoch for ff in self.folds]))}, last
+        extra = {"ft_epochs_kept": float(np.mean([ff.early.best_epoch for ff in self.folds])),
+                 # 1.0 when `patience` ended the stage: every fold stopped before ft_epochs
+                 "ft_patience_stop": float(all(ff.stopped for ff in self.folds))}
+        return reported, extra, last
 
     def _validate(self, ff: FtFold, k: int, train_loss: float) -> FoldResult:
         prepared, config, s = self.prepared, self.config, self.prepared.settings
