@@ -30,7 +30,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from ray import tune
 
 from trainable.cam.explain import region_masses
-from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
+from trainable.data.augment import AUGMENT_POLICIES
+from trainable.data.images import geometry, to_model_input, view_params
 from trainable.models.backbones import Backbone, build_backbone
 from trainable.models.features import feature_maps, inference_batch_size, inference_model
 from trainable.models.featureset import FeatureKey, FeatureSet

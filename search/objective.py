@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas only for the tables: a trial process unpickles this module for objective_score
+    import pandas as pd
 
 
 def objective_score(metrics: dict[str, float], *, mode: str, metric: str, w: float,
@@ -91,6 +93,8 @@ def full_budget(trials: pd.DataFrame) -> pd.Series:
     """The trials that compare at one budget: finished and not stopped early (every epoch run).
 
     When no trial ran every epoch (a sweep cut short), every finished trial counts instead."""
+    import pandas as pd
+
     done = trials["status"] == "TERMINATED" if "status" in trials else pd.Series(False, index=trials.index)
     if "stopped_early" not in trials:
         return done
@@ -104,6 +108,8 @@ def pareto_column(trials: pd.DataFrame, metric: str) -> pd.Series:
     Both values are taken at each trial's best epoch (the row's `best_*` columns), so the front is
     the one a reader can check on trials.csv itself; failed and ASHA-stopped trials are never on it.
     """
+    import pandas as pd
+
     out = pd.Series(False, index=trials.index, name="pareto")
     col = f"best_{metric}"
     if trials.empty or col not in trials or "best_focus" not in trials:

@@ -24,11 +24,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import tune
 
-from trainable.cam.camlayer import describe_cam_layers, valid_cam_layers
 from trainable.data.dataset import TASKS
-from trainable.data.images import AUGMENT_POLICIES
+from trainable.data.augment import AUGMENT_POLICIES
 from trainable.errors import CxrtuneError
-from trainable.models.backbones import available_backbones
+from trainable.models.registry import available_backbones
 from trainable.shared import TRIAL_DEFAULTS, Settings
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
@@ -233,6 +232,10 @@ class SweepSpec(_Strict):
 
     @model_validator(mode="after")
     def _cam_layer_of_every_backbone(self) -> "SweepSpec":
+        if self.cam_layer == "final":  # every backbone has it; checking other layers builds models
+            return self
+        from trainable.cam.camlayer import describe_cam_layers, valid_cam_layers
+
         for backbone in self.choices("backbone"):
             if self.cam_layer not in valid_cam_layers(backbone):
                 raise ValueError(f"cam_layer {self.cam_layer!r} is not a layer of backbone {backbone!r}; "

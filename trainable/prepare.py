@@ -96,31 +96,81 @@ def prepare_local(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
     return Prepared(features=features, images=images, **fields)
 
 
+class FeatureWorker:
+    """A warm feature worker (a Ray actor): it imports the backbone stack when it starts, while the
+    driver decodes the images, then computes every key it is given, building each backbone once.
+
+    One task per key paid a new worker process, its imports (torch, timm, torchvision: several
+    seconds) and a backbone build per key; a few workers fed keys pay them once per sweep."""
+
+    def __init__(self) -> None:
+        import timm  # noqa: F401 - imported now, in parallel with the driver's decoding
+
+        from trainable.models import features  # noqa: F401
+
+    def compute(self, images: np.ndarray, key: FeatureKey, views: dict[str, int], seed: int,
+                store: FeatureStore | None) -> tuple[dict, FeatureSet]:
+        return _feature_task(images, key, views, seed, store)
+
+
+def _worker_count(n_keys: int, cpus: float, gpus: float) -> int:
+    """As many workers as keys, up to what the cluster runs at once."""
+    res = ray.cluster_resources()
+    fit = int(res.get("CPU", 1) // max(cpus, 1e-9))
+    if gpus > 0:
+        fit = min(fit, int(res.get("GPU", 0) // gpus))
+    return max(1, min(n_keys, fit))
+
+
+def _by_backbone(keys: list[FeatureKey], n_workers: int) -> list[list[FeatureKey]]:
+    """Keys dealt to workers so that one backbone's keys (its crops) share a worker and its build."""
+    groups: dict[tuple[str, str], list[FeatureKey]] = {}
+    for k in keys:
+        groups.setdefault((k.backbone, k.weights), []).append(k)
+    queues: list[list[FeatureKey]] = [[] for _ in range(n_workers)]
+    for group in sorted(groups.values(), key=len, reverse=True):
+        min(queues, key=len).extend(group)
+    return queues
+
+
 def prepare_sweep(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKey],
                   augment_policies: Iterable[str], *, cpus: float = 1, gpus: float = 0,
                   progress: Callable[[str], None] = print) -> Prepared:
-    """Decode once, split once, launch one feature task per key and wait for all of them."""
+    """Decode once, split once, compute the features of every key on warm workers (`FeatureWorker`)."""
     keys = sorted(set(keys), key=str)
+    actor = ray.remote(num_cpus=cpus, num_gpus=gpus)(FeatureWorker)
+    workers = [actor.remote() for _ in range(_worker_count(len(keys), cpus, gpus))]  # start importing now
+    try:
+        return _prepare_with(workers, dataset, settings, keys, augment_policies, progress)
+    finally:
+        for w in workers:  # their CPUs go to the trials; the feature sets stay in the object store
+            ray.kill(w)
+
+
+def _prepare_with(workers: list, dataset: Dataset, settings: Settings, keys: list[FeatureKey],
+                  augment_policies: Iterable[str], progress: Callable[[str], None]) -> Prepared:
     images, store, fields = _shared_arrays(dataset, settings, keys, progress)
     views = {p: settings.views for p in sorted(set(augment_policies))}
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus, num_returns=2)(_feature_task)
-    images_ref = ray.put(images)  # once per sweep: feature tasks and full-path trials read it zero-copy
+    images_ref = ray.put(images)  # once per sweep: feature workers and full-path trials read it zero-copy
     refs: dict[str, object] = {}
-    summaries = []
-    hits, t1 = 0, time.perf_counter()
+    hits, t1, missing = 0, time.perf_counter(), []
     for k in keys:
         cached = cached_features(None, k, views, settings.seed, store, progress, compute=False)
-        if cached is not None:  # on disk already: no worker, no backbone
+        if cached is not None:  # on disk already: no backbone
             refs[str(k)] = ray.put(cached)
             progress(_feature_line(_summary(k, cached)))
             hits += 1
-            continue
-        summary, features = task.remote(images_ref, k, views, settings.seed, store)
-        refs[str(k)] = features
-        summaries.append(summary)
+        else:
+            missing.append(k)
+    summaries = []
+    for worker, queue in zip(workers, _by_backbone(missing, len(workers))):
+        for k in queue:  # an actor runs its calls one after another
+            summary, features = worker.compute.options(num_returns=2).remote(images_ref, k, views, settings.seed, store)
+            refs[str(k)] = features
+            summaries.append(summary)
     if summaries:
-        progress(f"computing frozen-backbone features for {len(summaries)} key(s) "
-                 f"({len(views)} augmentation policies, {settings.views} views each)")
+        progress(f"computing frozen-backbone features for {len(summaries)} key(s) on {min(len(workers), len(missing))} "
+                 f"worker(s) ({len(views)} augmentation policies, {settings.views} views each)")
     while summaries:
         done, summaries = ray.wait(summaries, num_returns=1)
         s = ray.get(done[0])  # the small summary only: the arrays stay in the object store

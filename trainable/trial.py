@@ -41,10 +41,12 @@ def run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
     fs = prepared.features_for(config)
     states = [new_fold_state(config, fs.maps.shape[1], len(prepared.classes), s.seed + k)
               for k in range(len(prepared.folds))]
-    from trainable.cam.camlayer import layer_cam_for  # builds backbones: imported only by a trial that runs one
+    cam = None
+    if s.cam_layer != "final":  # builds a backbone: imported only by a trial that scores at another layer
+        from trainable.cam.camlayer import layer_cam_for
 
-    cam = layer_cam_for(config["backbone"], config["weights"], s.cam_layer, float(config["crop_margin"]),
-                        s.input_size)
+        cam = layer_cam_for(config["backbone"], config["weights"], s.cam_layer, float(config["crop_margin"]),
+                            s.input_size)
     start_epoch, history, saved = 0, [], None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:

@@ -7,38 +7,15 @@ Geometry (the same for an image and its lung mask):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as TF
 
+from trainable.data.augment import AugmentPolicy
 from trainable.data.dataset import Dataset
 from trainable.data.dicom import is_dicom, open_dicom
 from trainable.errors import DataError
-
-
-@dataclass(frozen=True)
-class AugmentPolicy:
-    """Ranges of a random affine; each is the half-width of a uniform distribution."""
-
-    shift: float = 0.0        # fraction of the side
-    zoom: float = 0.0         # scale in [1 - zoom, 1 + zoom]
-    rotation: float = 0.0     # degrees
-    hflip: bool = False
-    vflip: bool = False
-
-
-AUGMENT_POLICIES: dict[str, AugmentPolicy] = {
-    "none": AugmentPolicy(),
-    "light": AugmentPolicy(shift=0.05, zoom=0.05, rotation=10.0),
-    # Balvinsson et al.: 20% shifts, 10% zoom, rotation up to 50°, no flips
-    "balvinsson": AugmentPolicy(shift=0.2, zoom=0.1, rotation=50.0),
-    # Santos et al.: the same plus horizontal and vertical flips
-    "santos": AugmentPolicy(shift=0.2, zoom=0.1, rotation=50.0, hflip=True, vflip=True),
-}
 
 
 def decode_images(dataset: Dataset, base_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,6 +91,10 @@ def apply_affine(batch: torch.Tensor, params: np.ndarray) -> torch.Tensor:
     """Affine-transform each (1, S, S) float image by its row of `params` (zero fill)."""
     if not np.any(params[:, [0, 1, 3, 4, 5]]) and np.all(params[:, 2] == 1.0):
         return batch
+    # imported here: torchvision (with torch._dynamo, ≈ 3.5 s) is needed only to augment, and a
+    # trial process that imports this module for its geometry never does
+    from torchvision.transforms.v2 import functional as TF
+
     side = batch.shape[-1]
     out = torch.empty_like(batch)
     for i, (dx, dy, zoom, angle, hflip, vflip) in enumerate(params):

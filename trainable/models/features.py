@@ -12,8 +12,9 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
-from trainable.models.backbones import Backbone, build_backbone
+from trainable.data.augment import AUGMENT_POLICIES
+from trainable.data.images import geometry, to_model_input, view_params
+from trainable.models.backbones import Backbone, process_backbone
 from trainable.models.featureset import FeatureKey, FeatureSet
 from trainable.models.fold_bn import fold_batchnorm
 
@@ -78,7 +79,8 @@ def compute_features(images: np.ndarray, key: FeatureKey, views: dict[str, int],
                      batch_size: int | None = None) -> FeatureSet:
     """View-0 maps plus pooled vectors of `views[policy]` views for each augmentation policy."""
     start = time.perf_counter()
-    backbone = build_backbone(key.backbone, key.weights)
+    # one build per process: a warm feature worker computes every crop of a backbone with it
+    backbone = process_backbone(key.backbone, key.weights)
     model = inference_model(backbone, key.input_size)
     maps = feature_maps(backbone, images, key.crop_margin, key.input_size, batch_size=batch_size, model=model)
     pooled0 = maps.mean(dim=(2, 3)).numpy()

@@ -45,7 +45,8 @@ from torch import nn
 
 from trainable.cam.camlayer import FINAL, LayerCam
 from trainable.cam.explain import edge_band, explanation_scores, focus_reference
-from trainable.data.images import AUGMENT_POLICIES, geometry, to_model_input, view_params
+from trainable.data.augment import AUGMENT_POLICIES
+from trainable.data.images import geometry, to_model_input, view_params
 from trainable.models.backbones import build_backbone, process_backbone
 from trainable.models.features import inference_batch_size
 from trainable.models.featureset import FeatureSet
