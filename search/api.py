@@ -80,6 +80,7 @@ def select_trial(results: str | Path, *, within: float | None = None, metric: st
                  log: Log = print) -> Path:
     """Export the most lung-focused trial within Δ of the best metric to RESULTS/selected/, score it
     on the held-out patients and refresh report.html (what `cxrtune select` does); returns selected/."""
+    check_selection(within, metric)  # before the heavy imports and before any file is read
     from search.outputs.heldout import rescore_heldout
     from search.outputs.select import export_selection
 
@@ -91,6 +92,19 @@ def select_trial(results: str | Path, *, within: float | None = None, metric: st
 
         write_report(results, log=log)
     return selected
+
+
+def check_selection(within: float | None, metric: str | None) -> None:
+    """`within` is a difference of metrics in [0, 1]; `metric` one a trial reports (CxrtuneError)."""
+    from trainable.errors import CxrtuneError
+    from trainable.train.metrics import OBJECTIVE_METRICS
+
+    if within is not None and not 0 <= within <= 1:
+        raise CxrtuneError(f"within (--within) must be in [0, 1]: a difference of metric values, "
+                           f"which lie in [0, 1] (got {within:g})")
+    if metric is not None and metric not in OBJECTIVE_METRICS:
+        raise CxrtuneError(f"metric (--metric) {metric!r} is not one a sweep ranks by; valid: "
+                           f"{', '.join(OBJECTIVE_METRICS)}")
 
 
 def evaluate(model: str | Path, data: str | Path, *, format: str = "auto", log: Log = lambda m: None) -> dict:

@@ -1,7 +1,10 @@
 """`cxrtune` command line: run a sweep, make phantom data, list backbones.
 
-Input errors (bad data, bad space file, unknown backbone, missing weights) print one line
-naming the file or field and the rule, and exit with code 2 — no traceback.
+Usage errors (an unknown option, a missing argument, a bad option value) print typer's usage
+text and exit with code 2; a bare `cxrtune` prints the help and exits with code 2 too (click's
+convention for "no command given"). Input errors (bad data, bad space file, unknown backbone,
+missing weights) print one line naming the file or field and the rule, and exit with code 2.
+Neither shows a traceback.
 """
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -23,6 +25,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Data sets: check one, or generate phantom chest X-rays.")
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"cxrtune {package_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                       help="Print the installed cxrtune version and exit.")) -> None:
+    pass
+
+
+def package_version() -> str:
+    """The installed `cxrtune` distribution's version ("unknown" when run from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cxrtune")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 @app.command()
@@ -128,11 +152,9 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Machine-readab
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
-    table = Table("name", "source", "params", "Grad-CAM layer", "offline weights")
-    for r in rows:
-        table.add_row(str(r["name"]), str(r.get("source", "")), _millions(r.get("params")),
-                      str(r.get("target_layer", "")), str(r.get("offline_weights", "")))
-    Console().print(table)
+    print_table(("name", "source", "params", "Grad-CAM layer", "offline weights"),
+                [(str(r["name"]), str(r.get("source", "")), _millions(r.get("params")),
+                  str(r.get("target_layer", "")), str(r.get("offline_weights", ""))) for r in rows])
 
 
 @data_app.command("check")
@@ -264,10 +286,8 @@ def list_jobs(address: Optional[str] = _JOB_ADDRESS,
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("submission id", "status", "start", "end", "results")
-    for r in rows:
-        table.add_row(r["submission_id"], r["status"], r["start"], r["end"], r["results"])
-    Console().print(table)
+    print_table(("submission id", "status", "start", "end", "results"),
+                [(r["submission_id"], r["status"], r["start"], r["end"], r["results"]) for r in rows])
 
 
 def _follow(address: Optional[str], job: str) -> None:
@@ -294,6 +314,19 @@ def _resumable():
         raise typer.Exit(143) from None
 
 
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A rich table on a terminal; tab-separated lines (a header first) in a pipe or file, where a
+    table cut at 80 columns would hide the values a script reads."""
+    if not sys.stdout.isatty():
+        for row in (header, *rows):
+            print("\t".join(str(v).replace("\t", " ") for v in row))
+        return
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*map(str, row))
+    Console().print(table)
+
+
 def _millions(n: object) -> str:
     return f"{n / 1e6:.1f}M" if isinstance(n, (int, float)) else str(n)
 
@@ -315,18 +348,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main() -> None:
+    """Standalone mode: typer itself prints usage errors (exit 2), `--help` and `--version`, and
+    turns `raise typer.Exit(n)` into exit code n and Ctrl-C into 130. What a command raises comes
+    out here: a user error becomes one line and exit code 2, anything else a traceback."""
     try:
-        code = app(standalone_mode=False)  # with standalone_mode=False, `raise typer.Exit(n)` returns n
-        if isinstance(code, int) and code:
-            sys.exit(code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        console.print("interrupted")
-        sys.exit(130)
+        app()
     except Exception as e:  # noqa: BLE001 - user errors become one line; anything else re-raises
         cause = getattr(e, "cause", None) or e  # a RayTaskError carries the task's exception
         if isinstance(cause, _user_errors()):

@@ -30,6 +30,22 @@ class SweepError(CxrtuneError, RuntimeError):
     """The sweep cannot start or finish (existing results, every trial failed, …)."""
 
 
+# what a run writes before its first trial ends (atomic writes' temporary files start with ".")
+_BEFORE_FIRST_TRIAL = frozenset({"space.json", "heldout.json", "data", "tune", "optuna.db"})
+
+
+def holds_sweep(path: Path) -> bool:
+    """`path` is (or was meant to be) a sweep's results directory: it holds space.json or trials.csv."""
+    return (Path(path) / "space.json").is_file() or (Path(path) / "trials.csv").is_file()
+
+
+def stopped_before_first_trial(results: Path) -> bool:
+    """Only what a run writes before its first trial ends is here (no trials.csv): a run that failed
+    on its data, resources or features. Whether Tune saved a state is the caller's check."""
+    entries = [p.name for p in Path(results).iterdir() if not p.name.startswith(".")]
+    return "space.json" in entries and set(entries) <= _BEFORE_FIRST_TRIAL
+
+
 def load_record(results: Path) -> dict:
     """space.json: what `resume`, `select` and held-out scoring need to rebuild a run."""
     space_json = Path(results) / "space.json"

@@ -29,9 +29,10 @@ from trainable.data.augment import AUGMENT_POLICIES
 from trainable.errors import CxrtuneError
 from trainable.models.registry import available_backbones
 from trainable.shared import TRIAL_DEFAULTS, Settings
+from trainable.train.metrics import OBJECTIVE_METRICS
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
-METRICS = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "worst_group_accuracy", "within_group_auc")
+METRICS = OBJECTIVE_METRICS
 
 
 class SpaceError(CxrtuneError, ValueError):
@@ -194,6 +195,7 @@ class SweepSpec(_Strict):
         for key, param in space.items():
             for value in _values(param) or []:
                 _check_value(key, value)
+            _check_range(key, param)
         return space
 
     @model_validator(mode="after")
@@ -267,6 +269,26 @@ def _values(param: Any) -> list[Any] | None:
     return [param]
 
 
+def _check_range(key: str, param: Any) -> None:
+    """A range is checked at its ends against the parameter's rule: a trial must never be the first
+    to find that `lr: {uniform: [-0.01, 0.01]}` can draw a negative learning rate. Both ends of a
+    uniform / loguniform count (a sampler may return `high`); randint's high is exclusive."""
+    if isinstance(param, Uniform):
+        kind, bounds, ends = "uniform", param.uniform, param.uniform
+    elif isinstance(param, LogUniform):
+        kind, bounds, ends = "loguniform", param.loguniform, param.loguniform
+    elif isinstance(param, RandInt):
+        kind, bounds, ends = "randint", param.randint, (param.randint[0], param.randint[1] - 1)
+    else:
+        return
+    for end in ends:
+        try:
+            _check_value(key, end)
+        except ValueError as e:
+            rule = str(e).removesuffix(f" (got {end!r})")
+            raise ValueError(f"{key}: {kind} [{bounds[0]}, {bounds[1]}] can draw {end!r}, but {rule}") from None
+
+
 def _check_value(key: str, value: Any) -> None:
     _check_ft_value(key, value)
     if key == "backbone" and value not in available_backbones():
@@ -279,8 +301,10 @@ def _check_value(key: str, value: Any) -> None:
         raise ValueError(f"{key} must be an integer >= 1 (got {value!r})")
     if key == "dropout" and not (isinstance(value, (int, float)) and 0 <= value < 1):
         raise ValueError(f"dropout must be in [0, 1) (got {value!r})")
-    if key in ("lr", "weight_decay") and not (isinstance(value, (int, float)) and value >= 0):
-        raise ValueError(f"{key} must be a number >= 0 (got {value!r})")
+    if key == "lr" and not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"lr must be a number > 0 (got {value!r})")
+    if key == "weight_decay" and not (isinstance(value, (int, float)) and value >= 0):
+        raise ValueError(f"weight_decay must be a number >= 0 (got {value!r})")
     if key == "weights" and not (value in ("imagenet", "random") or Path(str(value)).suffix):
         raise ValueError(f"weights must be 'imagenet', 'random' or a weights file path (got {value!r})")
 
@@ -335,6 +359,9 @@ def _first_error(e: ValidationError) -> str:
     msg = best["msg"].removeprefix("Value error, ")
     if best["type"] == "extra_forbidden":
         msg = "unknown key (not allowed here)"
+    head, sep, rest = msg.partition(": ")
+    if loc == "space" and sep and head in TRIAL_DEFAULTS:  # a parameter's own rule names it: space.lr
+        loc, msg = f"space.{head}", rest
     value = best.get("input")
     shown = "" if best["type"] in ("value_error", "missing") else f" (got {value!r})"
     return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"   # model-level rules name their fields

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
 from itertools import product
@@ -35,7 +36,8 @@ from search.outputs.heldout import check_split, score_heldout, search_split, wri
 from search.outputs.results import write_results
 from search.outputs.select import export_selection
 from search.report.html import cluster_hardware, write_report
-from search.rundir import SweepError, check_folds, load_record, sweep_dataset, write_folds
+from search.rundir import (SweepError, check_folds, holds_sweep, load_record, stopped_before_first_trial,
+                           sweep_dataset, write_folds)
 from search.searcher import search_algorithms
 from search.space import SpaceError, SweepSpec, Synthetic, tune_param_space
 from trainable.atomic import atomic_write_text
@@ -47,17 +49,50 @@ from trainable.data.holdout import Holdout
 from trainable.data.phantom import synthesize
 from trainable.models.featureset import FeatureKey
 from trainable.models.weights import offline_available
-from trainable.prepare import group_values, prepare_sweep
+from trainable.prepare import SharedArrays, group_values, prepare_sweep, shared_arrays
 from trainable.shared import Prepared
 from trainable.trial import run_trial
 
 
-def results_dir_for(out: str | Path, name: str) -> Path:
-    """`out/name`, refusing to reuse a directory that already holds a sweep (nothing is overwritten)."""
-    d = (Path(out).expanduser() / name).resolve()
-    if d.exists() and any(d.iterdir()):
-        raise SweepError(f"{d} already holds results; choose another --name (nothing was changed)")
-    return d
+def results_dir_for(out: str | Path, name: str, log: Callable[[str], None] = print) -> Path:
+    """`out/name`, refusing to reuse a directory that already holds a sweep (nothing is overwritten),
+    and to nest one inside another sweep's results. A run that stopped before its first trial (bad
+    data, too few resources; no trials.csv, no Tune state) does not block its re-run: its directory
+    is reused, and that is said."""
+    parent = Path(out).expanduser().resolve()
+    inside = next((p for p in (parent, *parent.parents) if holds_sweep(p)), None)
+    if inside is not None:
+        raise SweepError(f"--out {out}: {inside} is a sweep's results directory (it holds space.json or "
+                         f"trials.csv); --out is the directory results directories go into: choose another "
+                         f"(nothing was changed)")
+    d = parent / name
+    if not d.exists() or not any(d.iterdir()):
+        return d
+    if holds_sweep(d) and not (d / "trials.csv").is_file():
+        if _tune_state(d):
+            raise SweepError(f"{d} holds a sweep that Tune can resume: `cxrtune resume {d}`, or choose "
+                             f"another --name (nothing was changed)")
+        if stopped_before_first_trial(d):
+            log(f"reusing {d}: the run there stopped before its first trial (no trials.csv, no Tune state)")
+            _clear_stale_start(d)
+            return d
+    raise SweepError(f"{d} already holds results; choose another --name (nothing was changed)")
+
+
+def _tune_state(results: Path) -> bool:
+    """Tune saved an experiment state for this results directory (where space.json says, else RESULTS/tune)."""
+    try:
+        record = load_record(results)
+    except (SweepError, ValueError):
+        record = {}
+    return tune.Tuner.can_restore(record.get("tune_path") or experiment_path(results, None))
+
+
+def _clear_stale_start(results: Path) -> None:
+    """What a run that stopped before its first trial left besides its data: an experiment
+    directory without state and a study without finished trials (a pareto sweep's optuna.db)."""
+    shutil.rmtree(results / "tune", ignore_errors=True)
+    (results / "optuna.db").unlink(missing_ok=True)
 
 
 def resolve_data(spec: SweepSpec, data: str | None, results: Path, log: Callable[[str], None],
@@ -129,12 +164,15 @@ def run_sweep(spec: SweepSpec, *, space_file: Path | None = None, data: str | No
     `storage`: where Tune keeps the experiment (a shared directory or `s3://…`; default RESULTS/tune).
     SIGTERM stops the sweep resumably (`search.durable`)."""
     t_start = time.time()
-    results = results_dir_for(out, name or spec.name)
+    results = results_dir_for(out, name or spec.name, log)
     check_weights(spec, log)
     # trackers are checked (MLflow installed, URI usable) before any work
     trackers = tracker_callbacks(mlflow, tensorboard, experiment=results.name,
                                  tags={"cxrtune.results": str(results), "cxrtune.space": str(space_file)})
     results.mkdir(parents=True, exist_ok=True)
+    # a first record (no data yet) marks the directory as this run's: should the data fail, a re-run
+    # under the same name reuses it (results_dir_for); the full record replaces it below
+    write_record(results, spec, space_file, data_format, storage)
     dataset = resolve_data(spec, data, results, log, data_format)
     if spec.cam_target not in ("true", "predicted", *dataset.classes):
         raise SpaceError(f"cam_target must be 'true', 'predicted' or one of the classes "
@@ -155,22 +193,49 @@ def run_sweep(spec: SweepSpec, *, space_file: Path | None = None, data: str | No
     if spec.group_column in dataset.table:
         for line in confounding_report(dataset, spec.group_column)[0]:
             log(line)
-    atomic_write_text(results / "space.json", json.dumps(
-        {"spec": spec.model_dump(mode="json"), "settings": asdict(spec.settings()),
-         "space_file": str(Path(space_file).resolve()) if space_file else None, "data": str(dataset.root),
-         # what `cxrtune resume` needs to rebuild the trainable and find the experiment
-         "data_format": data_format, "data_hash": full.content_hash(), "storage": storage,
-         "tune_path": "/".join(tune_location(results, storage))}, indent=2))
+    # every image is decoded before Ray starts: a corrupt file stops the run here, in seconds
+    shared = shared_arrays(dataset, spec.settings(), feature_keys(spec), log)
+    write_record(results, spec, space_file, data_format, storage, dataset=dataset, data_hash=full.content_hash())
     write_split(results, split)
     if address and address.startswith("ray://") and not is_uri(storage):
         log("warning: with a ray:// address Tune writes its experiment on the cluster; "
             "use --storage s3://… (or a directory every node and this machine share)")
     start_ray(address, log)
-    prepared = prepare(spec, dataset, log)
+    check_resources(spec, local=address is None, log=log)
+    prepared = prepare(spec, dataset, log, shared)
     write_folds(results, prepared.ids, prepared.folds)
     tuner = make_tuner(spec, prepared, results, log, callbacks=trackers, storage=storage)
     return finish_sweep(results, spec, space_file, dataset, prepared, tuner, t_start=t_start,
                         storage=storage, log=log, split=split)
+
+
+def write_record(results: Path, spec: SweepSpec, space_file: Path | None, data_format: str,
+                 storage: str | None, dataset: Dataset | None = None, data_hash: str | None = None) -> None:
+    """space.json: what `cxrtune resume` needs to rebuild the trainable and find the experiment."""
+    atomic_write_text(results / "space.json", json.dumps(
+        {"spec": spec.model_dump(mode="json"), "settings": asdict(spec.settings()),
+         "space_file": str(Path(space_file).resolve()) if space_file else None,
+         "data": str(dataset.root) if dataset is not None else None,
+         "data_format": data_format, "data_hash": data_hash, "storage": storage,
+         "tune_path": "/".join(tune_location(results, storage))}, indent=2))
+
+
+def check_resources(spec: SweepSpec, *, local: bool, log: Callable[[str], None]) -> None:
+    """A trial (and a feature task) needs `resources` on one node. On a local cluster what the
+    machine has is all there is: more is an error now rather than a sweep that waits forever. A
+    remote cluster may autoscale, so there it is a warning."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", True)]
+    r = spec.resources
+    for field, want, kind in (("cpus_per_trial", r.cpus_per_trial, "CPU"), ("gpus_per_trial", r.gpus_per_trial, "GPU")):
+        most = max((float(n.get(kind, 0)) for n in nodes), default=0.0)
+        if want <= most:
+            continue
+        total = sum(float(n.get(kind, 0)) for n in nodes)
+        message = (f"resources.{field} is {want:g} but the largest node of the Ray cluster has {most:g} {kind}(s) "
+                   f"({total:g} in all on {len(nodes)} node(s)): no trial could start; lower it in the space file")
+        if local:
+            raise SpaceError(message)
+        log(f"warning: {message}, unless the cluster's autoscaler adds such a node")
 
 
 def resume_sweep(results: str | Path, *, address: str | None = None,
@@ -188,7 +253,8 @@ def resume_sweep(results: str | Path, *, address: str | None = None,
     path = record.get("tune_path") or experiment_path(results, storage)
     if not tune.Tuner.can_restore(path):
         raise SweepError(f"nothing to resume at {path}: the sweep stopped before Tune saved its state; "
-                         f"start it again with `cxrtune run`")
+                         f"start it again with `cxrtune run --out {results.parent} --name {results.name}` "
+                         f"(it reuses the directory)")
     dataset = sweep_dataset(record, spec)
     if record.get("data_hash") and dataset.content_hash() != record["data_hash"]:
         raise SweepError(f"data at {record['data']} changed since the sweep started "
@@ -196,8 +262,10 @@ def resume_sweep(results: str | Path, *, address: str | None = None,
     split = search_split(spec, dataset, log)  # the same held-out patients as the run (checked)
     check_split(results, split)
     dataset = split.search
+    shared = shared_arrays(dataset, spec.settings(), feature_keys(spec), log)  # decoded before Ray starts
     start_ray(address, log)
-    prepared = prepare(spec, dataset, log)
+    check_resources(spec, local=address is None, log=log)
+    prepared = prepare(spec, dataset, log, shared)
     check_folds(results, prepared.ids, prepared.folds)
     log(f"resuming {path} (unfinished and errored trials continue from their last checkpoints)")
     tuner = tune.Tuner.restore(path, trainable=make_trainable(spec, prepared),
@@ -233,11 +301,13 @@ def finish_sweep(results: Path, spec: SweepSpec, space_file: Path | None, datase
     return results
 
 
-def prepare(spec: SweepSpec, dataset: Dataset, log: Callable[[str], None]) -> Prepared:
-    """Decode, split and compute the shared features once (Ray must be running)."""
+def prepare(spec: SweepSpec, dataset: Dataset, log: Callable[[str], None],
+            shared: SharedArrays | None = None) -> Prepared:
+    """Decode (unless `shared` holds the decoded arrays), split and compute the shared features
+    once (Ray must be running)."""
     return prepare_sweep(dataset, spec.settings(), feature_keys(spec), spec.choices("augment"),
                          cpus=spec.resources.cpus_per_trial, gpus=spec.resources.gpus_per_trial,
-                         progress=log)
+                         progress=log, shared=shared)
 
 
 def make_trainable(spec: SweepSpec, prepared: Prepared):

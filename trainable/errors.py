@@ -7,3 +7,7 @@ class CxrtuneError(Exception):
 
 class DataError(CxrtuneError, ValueError):
     """The data set breaks a rule: the message names the file, row or field and the rule."""
+
+
+class ModelError(CxrtuneError, ValueError):
+    """An exported model directory is missing, partial or corrupt: the message names the file."""

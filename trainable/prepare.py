@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import numpy as np
 import ray
@@ -46,9 +47,21 @@ def _feature_line(s: dict) -> str:
                     f"weights {s['weights']}")
 
 
-def _shared_arrays(dataset: Dataset, settings: Settings, keys: list[FeatureKey],
-                   progress: Callable[[str], None]) -> tuple[np.ndarray, FeatureStore, dict]:
-    """Decode once (or read the image cache), split once, lung masks per crop: all but the features."""
+class SharedArrays(NamedTuple):
+    """What every trial shares except the features: decoded images, their feature store, and the
+    fields of `Prepared` (labels, folds, lung masks per crop, groups, timings)."""
+
+    images: np.ndarray
+    store: FeatureStore
+    fields: dict
+
+
+def shared_arrays(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKey],
+                  progress: Callable[[str], None] = print) -> SharedArrays:
+    """Decode once (or read the image cache), split once, lung masks per crop: all but the features.
+    No Ray: the driver runs it before Ray starts, so a file that cannot be decoded stops a sweep
+    before any cluster work (a DataError naming the file)."""
+    keys = sorted(set(keys), key=str)
     folds = patient_folds(dataset.labels, dataset.patients, dataset.classes, settings.folds, settings.seed)
     t0 = time.perf_counter()
     root = cache_root(settings.cache_dir)
@@ -70,7 +83,7 @@ def _shared_arrays(dataset: Dataset, settings: Settings, keys: list[FeatureKey],
                   groups=group_values(dataset, settings.group_column),
                   data_hash=dataset.content_hash())
     timings = {"decode_s": t_decode, "decode_cache_hit": float(decoded.hit)}
-    return images, FeatureStore(root, decoded.digest), fields | {"timings": timings}
+    return SharedArrays(images, FeatureStore(root, decoded.digest), fields | {"timings": timings})
 
 
 def group_values(dataset: Dataset, column: str) -> np.ndarray:
@@ -86,7 +99,7 @@ def prepare_local(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
                   augment_policies: Iterable[str], progress: Callable[[str], None] = print) -> Prepared:
     """The same as `prepare_sweep`, computed in this process (no Ray): for select/export after a sweep."""
     keys = sorted(set(keys), key=str)
-    images, store, fields = _shared_arrays(dataset, settings, keys, progress)
+    images, store, fields = shared_arrays(dataset, settings, keys, progress)
     views = {p: settings.views for p in sorted(set(augment_policies))}
     features = {}
     for k in keys:
@@ -135,21 +148,23 @@ def _by_backbone(keys: list[FeatureKey], n_workers: int) -> list[list[FeatureKey
 
 def prepare_sweep(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKey],
                   augment_policies: Iterable[str], *, cpus: float = 1, gpus: float = 0,
-                  progress: Callable[[str], None] = print) -> Prepared:
-    """Decode once, split once, compute the features of every key on warm workers (`FeatureWorker`)."""
+                  progress: Callable[[str], None] = print, shared: SharedArrays | None = None) -> Prepared:
+    """Decode once (`shared`: already decoded by `shared_arrays`), split once, compute the features
+    of every key on warm workers (`FeatureWorker`)."""
     keys = sorted(set(keys), key=str)
     actor = ray.remote(num_cpus=cpus, num_gpus=gpus)(FeatureWorker)
     workers = [actor.remote() for _ in range(_worker_count(len(keys), cpus, gpus))]  # start importing now
     try:
-        return _prepare_with(workers, dataset, settings, keys, augment_policies, progress)
+        return _prepare_with(workers, dataset, settings, keys, augment_policies, progress, shared)
     finally:
         for w in workers:  # their CPUs go to the trials; the feature sets stay in the object store
             ray.kill(w)
 
 
 def _prepare_with(workers: list, dataset: Dataset, settings: Settings, keys: list[FeatureKey],
-                  augment_policies: Iterable[str], progress: Callable[[str], None]) -> Prepared:
-    images, store, fields = _shared_arrays(dataset, settings, keys, progress)
+                  augment_policies: Iterable[str], progress: Callable[[str], None],
+                  shared: SharedArrays | None) -> Prepared:
+    images, store, fields = shared or shared_arrays(dataset, settings, keys, progress)
     views = {p: settings.views for p in sorted(set(augment_policies))}
     images_ref = ray.put(images)  # once per sweep: feature workers and full-path trials read it zero-copy
     refs: dict[str, object] = {}

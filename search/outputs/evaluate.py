@@ -42,14 +42,32 @@ def match_labels(dataset: Dataset, classes: list[str], source: str) -> dict[str,
     labels = sorted(set(dataset.table["label"].astype(str)))
     if set(labels) <= set(classes):
         return {lab: lab for lab in labels}
-    for task, spec in TASKS.items():
-        if spec is not None and list(spec[0]) == list(classes) and set(labels) <= set(spec[1]):
-            return {lab: spec[1][lab] for lab in labels}
-    unknown = sorted(set(labels) - set(classes))
     tasks = [t for t, spec in TASKS.items() if spec is not None and list(spec[0]) == list(classes)]
+    for task in tasks:
+        if set(labels) <= set(TASKS[task][1]):
+            return {lab: TASKS[task][1][lab] for lab in labels}
+    # the offending labels only: those neither a class nor mapped by the model's task
+    known = set(classes).union(*(TASKS[t][1] for t in tasks))
+    unknown = [lab for lab in labels if lab not in known]
     via = f" or through task {tasks[0]!r} ({', '.join(sorted(TASKS[tasks[0]][1]))})" if tasks else ""
     raise DataError(f"{source}: label(s) {', '.join(map(repr, unknown))} do not match the model's "
-                    f"classes {classes}: every label must be one of them{via}")
+                    f"classes {classes}: every label must be one of them{via} "
+                    f"(first rows: {'; '.join(_first_rows(dataset, unknown))})")
+
+
+def _first_rows(dataset: Dataset, labels: list[str]) -> list[str]:
+    """Each label with the first image that has it: "'xyz' at image img3, images/3.png"."""
+    table, root = dataset.table, getattr(dataset, "root", None)
+    out = []
+    for lab in labels:
+        first = table.index[table["label"].astype(str) == lab][0]
+        row = table.loc[first]
+        where = [f"image {row['id']}"] if "id" in row else [f"row {first}"]
+        if "path" in row:
+            path = Path(str(row["path"]))
+            where.append(str(path.relative_to(root) if root and path.is_relative_to(root) else path))
+        out.append(f"{lab!r} at {', '.join(where)}")
+    return out
 
 
 def evaluate(model_dir: str | Path, data: str | Path, format: str = "auto", batch_size: int | None = None,

@@ -21,6 +21,7 @@ from search.outputs.heldout import search_dataset
 from search.rundir import SweepError, check_folds, load_sweep, sweep_dataset
 from search.space import SweepSpec
 from trainable.atomic import atomic_write_text
+from trainable.errors import CxrtuneError
 from trainable.export import export_model
 from trainable.models.featureset import FeatureKey
 from trainable.prepare import prepare_local
@@ -30,12 +31,16 @@ from trainable.shared import Prepared
 def focus_column(trials: pd.DataFrame) -> str:
     """The column that measures focus: best_focus, or best_lung_mass in sweeps from before it existed."""
     return "best_focus" if "best_focus" in trials else "best_lung_mass"
+class SelectionError(CxrtuneError, ValueError):
+    """`within` or `metric` cannot select from this sweep."""
 
 
 def select_trial(trials: pd.DataFrame, metric: str, within: float) -> pd.Series:
     if not 0 <= within <= 1:
-        raise ValueError(f"within must be in [0, 1] (got {within})")
+        raise SelectionError(f"within must be in [0, 1] (got {within})")
     col = f"best_{metric}"
+    if col not in trials:  # e.g. worst_group_accuracy of a sweep whose data had no groups
+        raise SelectionError(f"trials.csv has no column {col}: this sweep did not report {metric!r}")
     ok = trials[full_budget(trials) & trials[col].notna()]
     if ok.empty:
         raise SweepError("no finished trial to select from")

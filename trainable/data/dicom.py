@@ -53,10 +53,44 @@ def _dcmread(path: str | Path, what: str, **kw):
 
     try:
         # force=True also reads files without the 128-byte preamble (older, non-Part-10 writers)
-        return pydicom.dcmread(str(path), force=True, **kw)
+        ds = pydicom.dcmread(str(path), force=True, **kw)
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"cannot read {what} {path}: not a readable DICOM file "
                         f"({type(e).__name__}: {e})") from None
+    if not _looks_like_dicom(path, ds):
+        raise DataError(f"cannot read {what} {path}: not a DICOM file (no DICM marker at byte 128 and "
+                        f"no DICOM data elements{_content_hint(path)})")
+    return ds
+
+
+# groups every radiograph has at least one element of: identification, patient, acquisition,
+# relationship, image pixel description (a non-DICOM file read with force=True has none)
+_IMAGE_GROUPS = (0x0008, 0x0010, 0x0018, 0x0020, 0x0028, 0x7FE0)
+
+
+def _looks_like_dicom(path: str | Path, ds) -> bool:
+    """A Part 10 file (DICM magic), or a preamble-less one whose elements are real DICOM ones."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(_PREAMBLE + 4)[_PREAMBLE:] == b"DICM":
+                return True
+    except OSError:
+        return False
+    return any(tag.group in _IMAGE_GROUPS for tag in ds.keys())
+
+
+def _content_hint(path: str | Path) -> str:
+    """'; it is a PNG file' for a raster image with a DICOM name, else ''."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return ""
+    for magic, kind in ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"),
+                        (b"MM\x00*", "TIFF"), (b"BM", "BMP")):
+        if head.startswith(magic):
+            return f"; it is a {kind} file: give it its own suffix"
+    return ""
 
 
 def read_header(path: str | Path) -> dict[str, str]:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# the metrics a trial reports that an objective or `cxrtune select --metric` can rank by
+OBJECTIVE_METRICS = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "worst_group_accuracy", "within_group_auc")
+
 METRIC_NAMES = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "loss")
 
 
