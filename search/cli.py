@@ -68,11 +68,12 @@ def run(
 
     local_ray_env(address)
     from search.space import load_space, resolve_space_file
-    from search.sweep import run_sweep
 
-    spec = load_space(space)
+    spec = load_space(space)  # the space and the data path are checked before Ray and torch are imported
     if data is not None and data != "synthetic" and not Path(data).exists():
         raise _user_error(f"data path {data} does not exist")
+    from search.sweep import run_sweep
+
     run_name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with _resumable():
         run_sweep(spec, space_file=resolve_space_file(space), data=data, data_format=data_format,
@@ -341,7 +342,7 @@ def _user_error(message: str) -> _UserError:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from trainable.errors import CxrtuneError
-    from trainable.models.backbones import UnknownBackboneError
+    from trainable.models.registry import UnknownBackboneError
     from trainable.models.weights import WeightsNotFoundError
 
     return (_UserError, CxrtuneError, UnknownBackboneError, WeightsNotFoundError, FileNotFoundError)

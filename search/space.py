@@ -22,7 +22,6 @@ from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from ray import tune
 
 from trainable.data.dataset import TASKS
 from trainable.data.augment import AUGMENT_POLICIES
@@ -369,6 +368,7 @@ def _first_error(e: ValidationError) -> str:
 
 def tune_param_space(spec: SweepSpec) -> dict[str, Any]:
     """The space as Ray Tune search domains; fixed values pass through as constants."""
+    from ray import tune  # here: loading and checking a space file needs no Ray
     out: dict[str, Any] = {}
     for key, param in spec.space.items():
         if isinstance(param, Choice):

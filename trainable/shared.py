@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import ray
 
 from trainable.models.featureset import FeatureKey, FeatureSet
 
@@ -86,6 +85,8 @@ class Prepared:
 
     def feature_set(self, key: FeatureKey) -> FeatureSet:
         value = self.features[str(key)]
+        import ray  # a trial has it loaded; validating a space file needs none
+
         return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
     def features_for(self, config: dict) -> FeatureSet:
@@ -94,4 +95,6 @@ class Prepared:
 
     def image_array(self) -> np.ndarray:
         """The decoded images, read-only and zero-copy from the object store (trials that run a backbone)."""
+        import ray
+
         return ray.get(self.images) if isinstance(self.images, ray.ObjectRef) else self.images

@@ -39,7 +39,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from trainable.models.registry import BackboneSpec, get_spec
 
@@ -216,6 +215,8 @@ def _torch_hub_places(arch: str) -> list[_Place]:
     url = cfg.get("url")
     if not url or cfg.get("hf_hub_id"):
         return []  # timm prefers the HF hub whenever the model has a hub id
+    import torch  # here: resolving names and errors needs no torch
+
     candidate = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     found = str(candidate) if candidate.is_file() else None
     return [_Place(f"torch-hub-cache:{url}", f"torch hub cache {candidate}", found)]
@@ -260,6 +261,8 @@ def _download(spec: BackboneSpec) -> tuple[str, str]:
     url = cfg.get("url")
     if not url:
         raise WeightsNotFoundError(f"timm has no pretrained weights for {spec.arch!r}")
+    import torch
+
     target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.hub.download_url_to_file(url, str(target))
