@@ -35,6 +35,14 @@ RUNNING = ("objective", "focus", "lung_mass", "edge_mass", "balanced_accuracy", 
 
 def run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
     """Ray Tune function trainable: reads `config`, reports CV metrics and a checkpoint per epoch."""
+    try:
+        _run_trial(config, prepared, score)
+    finally:  # also when ASHA stops the trial: a reused actor runs the next one on the same GPU
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # Ray issue #23971: GPU memory kept after ASHA stops a trial
+
+
+def _run_trial(config: dict, prepared: Prepared, score: ScoreFn) -> None:
     config = with_defaults(config)
     torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
     s = prepared.settings
