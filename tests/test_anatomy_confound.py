@@ -96,6 +96,7 @@ def _evaluate(tmp_path: Path, model: Path, test: Path, name: str) -> tuple[float
     return float(result["metrics"]["balanced_accuracy"]), float(recall.min())
 
 
+@pytest.mark.slow  # a 60-patient sweep plus two refits (~90 s): `python -m pytest -m slow`
 @pytest.mark.timeout(600)
 def test_worst_group_selection_beats_metric_best_on_a_trait_independent_test_set(tmp_path: Path) -> None:
     (tmp_path / "space.yaml").write_text(SPACE)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
@@ -52,6 +53,7 @@ def results_of(trial_dir: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # kills a Ray worker mid-trial and waits for the restart (~50 s): `python -m pytest -m slow`
 def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "space.yaml").write_text(SPACE)
     env = {**ENV, "CXRTUNE_CACHE_DIR": str(tmp_path / "cache")}  # a cold cache of our own

@@ -155,6 +155,7 @@ def test_job_server_refuses_a_wrong_token(head: dict, monkeypatch: pytest.Monkey
         client(head["url"])
 
 
+@pytest.mark.slow  # a sweep as a Ray job (~50 s): `python -m pytest -m slow`
 def test_submit_tiny_sweep_succeeds_and_writes_results(head: dict, tmp_path: Path) -> None:
     from search import jobs
 

@@ -67,6 +67,7 @@ def cluster():
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # a two-node Ray cluster and a sweep across it (~40 s): `python -m pytest -m slow`
 def test_trials_land_on_both_nodes_and_share_the_cache(cluster: dict, tmp_path: Path) -> None:
     (tmp_path / "space.yaml").write_text(SPACE)
     t0 = time.time()

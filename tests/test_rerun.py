@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import cxrtune, write_manifest_dataset
 
 SPACE = """
@@ -26,6 +28,7 @@ space:
 """
 
 
+@pytest.mark.slow  # two sweeps (~75 s): `python -m pytest -m slow`
 def test_run_that_failed_on_its_data_runs_again_under_the_same_name(tmp_path: Path) -> None:
     data = write_manifest_dataset(tmp_path / "data", n_patients=8, size=32)
     image = data / "images" / "3.png"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,7 @@ def same_rows(before: pd.DataFrame, after: pd.DataFrame) -> list[str]:
     return diffs
 
 
+@pytest.mark.slow  # a slowed sweep, SIGTERM, then resume (~80 s): `python -m pytest -m slow`
 def test_sigterm_then_resume_finishes_every_trial_once(tmp_path: Path) -> None:
     (tmp_path / "space.yaml").write_text(SPACE)
     env = {**ENV, "CXRTUNE_CACHE_DIR": str(tmp_path / "cache")}  # a cold cache of our own
