@@ -187,3 +187,21 @@ def test_prepare_reads_its_caches_and_rebuilds_a_corrupt_feature_entry(tmp_path:
     probe = cached_features(None, key, {"none": 2, "light": 2}, settings.seed, store, compute=False)
     assert probe is not None and probe.extra["cache"] == "hit"
     np.testing.assert_array_equal(probe.maps, a.maps)
+
+
+def test_the_data_hash_follows_content_not_size_and_time(tmp_path: Path) -> None:
+    """An image rewritten with other pixels but the same size and modification time is other data:
+    the decoded-image cache (keyed on this hash) must not serve the old pixels."""
+    from conftest import write_manifest_dataset
+
+    root = write_manifest_dataset(tmp_path / "d", n_patients=4, per_patient=1)
+    ds = load_dataset(root, "labels")
+    before = ds.content_hash()
+    image = root / "images" / "0.png"
+    st = image.stat()
+    data = bytearray(image.read_bytes())
+    data[-20] ^= 0xFF  # same length, other bytes
+    image.write_bytes(bytes(data))
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert image.stat().st_size == st.st_size and image.stat().st_mtime_ns == st.st_mtime_ns
+    assert load_dataset(root, "labels").content_hash() != before

@@ -383,13 +383,23 @@ def section_asha(s: Sweep) -> str:
     if h.empty or "objective" not in h:
         return '<section id="asha"><h2>ASHA</h2>' + _absent("history.csv is absent or empty: no per-epoch curves.") + "</section>"
     spec = s.space.get("spec", {})
-    epochs = int(s.space.get("settings", {}).get("epochs") or h["epoch"].max())
+    # ASHA's max_t counts fine-tuning epochs too (they are reported like head epochs)
+    epochs = int(max(s.space.get("settings", {}).get("epochs") or 0, h["epoch"].max()))
+    if spec:
+        from search.space import SweepSpec
+
+        try:
+            epochs = max(epochs, SweepSpec.model_validate(spec).total_epochs())
+        except ValueError:  # a space.json of another version: the epochs the history shows
+            pass
     asha = spec.get("asha", {})
     rungs = asha_rungs(int(asha.get("grace_period", 1)), float(asha.get("reduction_factor", 2)), epochs)
     png = plots.asha_plot(s.trials, h, epochs, rungs, s.roles.get("objective-best"))
     stopped = s.finished[s.finished["stopped_early"]]
     text = (f"{len(stopped)} of {len(s.finished)} finished trials were stopped early: "
-            + ", ".join(f"{r.trial_id} after {int(r.epochs_run)}" for r in stopped.itertuples())
+            + ", ".join(f"{r.trial_id} after {int(r.epochs_run)}"
+                        + (" (patience)" if getattr(r, "stopped_by", "") == "patience" else "")
+                        for r in stopped.itertuples())
             if len(stopped) else "ASHA stopped no trial early.")
     return (f'<section id="asha"><h2>ASHA: which trials were stopped</h2><p class="note">{_e(text)}</p>'
             f'{_img(png, "objective per epoch for every trial")}</section>')
