@@ -26,7 +26,8 @@ from trainable.models.head import Classifier, Head
 from trainable.prepare import prepare_local
 from trainable.shared import Settings, with_defaults
 from trainable.train.checkpoint import ft_state, save_checkpoint
-from trainable.train.finetune import EarlyStopping, backbone_blocks, finetune_folds, predict_with_maps, set_trainable
+from trainable.train.finetune import (EarlyStopping, FtStage, backbone_blocks, finetune_folds, inner_loss, inner_split,
+                                      predict_with_maps, set_trainable)
 from trainable.train.head_stage import new_fold_state, run_epoch
 from trainable.train.lockstep import cam_targets
 
@@ -161,9 +162,9 @@ def test_early_stopping_in_the_stage_restores_each_folds_best(prepared) -> None:
     folds = finetune_folds(states, config, prepared, fs, lambda j, m, f, last: reports.append((j, m, last)))
     assert reports[-1][2]
     for ff in folds:
-        losses = ff.early.losses
+        losses = ff.early.losses  # the inner split's losses: the validation fold only scores
         assert ff.early.best_epoch == int(np.argmin(losses)) + 1
-        assert ff.best["metrics"]["loss"] == min(losses)
+        assert ff.best["metrics"]["ft_inner_loss"] == min(losses)
         best = ff.early.best_state
         assert all(torch.equal(v, best[k]) for k, v in ff.model.state_dict().items())
     assert reports[-1][1]["ft_epochs_kept"] == np.mean([ff.early.best_epoch for ff in folds])
@@ -234,3 +235,25 @@ def test_cam_layer_is_used_by_the_finetuning_stage(prepared) -> None:
         np.testing.assert_allclose(ff.best["edge_mass"], em, atol=1e-5)
         final_lm, _ = explanation_scores(ff.model.head, maps, targets, lung, edge)
         assert np.abs(final_lm - lm).max() > 1e-3  # not the final layer's 2×2 masses
+
+
+def test_early_stopping_never_sees_the_validation_fold(prepared) -> None:
+    """Honest CV: each fold early-stops on patients held aside from its *training* patients, and the
+    loss it watches is that of those images under the fold's model (recomputed here)."""
+    y = np.asarray(prepared.labels)
+    for k, (tr, va) in enumerate(prepared.folds):
+        fit, stop = inner_split(tr, y, prepared.patients, prepared.settings.seed, k)
+        assert len(stop) and set(fit) | set(stop) == set(tr) and not set(stop) & set(va)
+        assert not set(prepared.patients[stop]) & set(prepared.patients[fit])  # whole patients
+        for c in set(y[tr]):  # every class with two or more training patients is watched
+            if len(set(prepared.patients[tr][y[tr] == c])) >= 2:
+                assert c in set(y[stop])
+    config = _config(ft_epochs=2, ft_lr=1e-3, patience=1)
+    fs, states = _head_stage(prepared, config)
+    stage = FtStage(states, config, prepared, fs)
+    result = stage.run_fold(0, 0)
+    fit, stop = stage.splits[0]
+    ff = stage.folds[0]
+    again = inner_loss(ff.model, prepared.image_array()[stop], y[stop], fs.preprocessing, 0.0, prepared.settings.input_size)
+    assert result["metrics"]["ft_inner_loss"] == pytest.approx(again, abs=1e-6) == pytest.approx(ff.early.losses[0], abs=1e-6)
+    assert result["metrics"]["ft_inner_loss"] != pytest.approx(result["metrics"]["loss"], abs=1e-9)

@@ -25,7 +25,7 @@ from trainable.models.backbones import build_backbone
 from trainable.models.featureset import FeatureSet
 from trainable.models.head import Classifier, Head, class_weights, train_one_epoch
 from trainable.shared import Prepared, with_defaults
-from trainable.train.finetune import finetune_all
+from trainable.train.finetune import INNER_FRACTION, finetune_all
 from trainable.train.head_stage import new_fold_state, train_view
 from trainable.train.oversample import oversampled_rows
 
@@ -50,13 +50,11 @@ def refit_head(config: dict, prepared: Prepared, fs: FeatureSet, epochs: int) ->
 
 def ft_epochs_to_refit(config: dict, prepared: Prepared, epochs: int, metrics: dict) -> int:
     """Fine-tuning epochs of the export: none when the trial's best epoch was a head epoch, else the
-    ft epochs its folds kept (early stopping restores each fold's best; `ft_epochs_kept` is their mean)."""
+    ft epochs up to that best epoch — the budget the scored folds had; within it the refit early-stops
+    and restores on an inner split of the patients exactly as each fold did (`finetune_all`)."""
     if int(config["ft_epochs"]) <= 0 or epochs <= prepared.settings.epochs:
         return 0
-    kept = metrics.get("ft_epochs_kept")
-    if kept is None or not np.isfinite(kept):
-        kept = epochs - prepared.settings.epochs
-    return max(1, int(round(float(kept))))
+    return int(epochs - prepared.settings.epochs)
 
 
 def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: int,
@@ -68,7 +66,7 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
     head = refit_head(config, prepared, fs, max(1, min(epochs, prepared.settings.epochs)))
     backbone = build_backbone(config["backbone"], config["weights"])
     if n_ft:  # the fine-tuned backbone and head go into model.pt (trainable.train.finetune)
-        model = finetune_all(config, prepared, fs, head, n_ft)
+        model, kept = finetune_all(config, prepared, fs, head, n_ft)
     else:
         model = Classifier(backbone.model, head).eval()
     meta = {
@@ -90,8 +88,11 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
         "atlas_threshold": prepared.settings.atlas_threshold,
         "config": config,
         "epochs": int(epochs),
-        "finetuned": {"ft_epochs": n_ft, "ft_lr": float(config["ft_lr"]), "ft_blocks": config["ft_blocks"],
-                      "ft_bn": config["ft_bn"]} if n_ft else None,
+        # ft_epochs: what the refit kept (its inner-split early stopping); budget: what it could run
+        "finetuned": {"ft_epochs": int(kept), "budget": n_ft, "ft_lr": float(config["ft_lr"]),
+                      "ft_blocks": config["ft_blocks"], "ft_bn": config["ft_bn"],
+                      "early_stopping": f"inner split of {INNER_FRACTION:.0%} of the patients per class"}
+                     if n_ft else None,
         "cv_metrics": metrics,
         "data_hash": prepared.data_hash,
     }

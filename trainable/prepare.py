@@ -81,6 +81,7 @@ def shared_arrays(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
                   ids=ids, paths=dataset.table["path"].tolist(), folds=folds,
                   lung_masks=lung, mask_source=mask_source,
                   groups=group_values(dataset, settings.group_column),
+                  patients=np.asarray(dataset.patients).astype(str),
                   data_hash=dataset.content_hash())
     timings = {"decode_s": t_decode, "decode_cache_hit": float(decoded.hit)}
     return SharedArrays(images, FeatureStore(root, decoded.digest), fields | {"timings": timings})

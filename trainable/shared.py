@@ -82,6 +82,7 @@ class Prepared:
     data_hash: str
     timings: dict[str, float] = field(default_factory=dict)
     images: object = None                      # ObjectRef[uint8 (N, S, S)] (or the array): for the full path
+    patients: np.ndarray | None = None         # per image: its patient id (fine-tuning's inner split)
 
     def feature_set(self, key: FeatureKey) -> FeatureSet:
         value = self.features[str(key)]

@@ -26,9 +26,9 @@ from trainable.shared import Prepared
 
 REPORTED = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "loss", "lung_mass", "edge_mass", "focus",
             "lung_enrichment", "worst_group_accuracy", "within_group_auc", "fold_mean_worst_group_accuracy",
-            "objective", "ft_epochs_kept")
+            "objective", "ft_epochs_kept")  # ft_epochs_kept: mean of the folds' best ft epochs (trainable.train.finetune)
 # each metric's own best over a trial's epochs (`peak_<m>`): what metric-best compares
-PEAKED = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "worst_group_accuracy", "within_group_auc")  # ft_epochs_kept: fine-tuning epochs export refits (trainable.train.finetune)
+PEAKED = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "worst_group_accuracy", "within_group_auc")
 
 
 def trial_rows(result_grid: tune.ResultGrid, epochs: int) -> pd.DataFrame:
@@ -81,13 +81,15 @@ def epoch_history(result_grid: tune.ResultGrid) -> pd.DataFrame:
 
 def leaderboard_markdown(df: pd.DataFrame, metric: str, searched: list[str], title: str, note: str = "") -> str:
     ok = df[df["status"] == "TERMINATED"]
-    cols = ["trial_id", *searched, "epochs_run", "stopped_early", f"best_{metric}",
+    cols = ["trial_id", *searched, "epochs_run", "stopped_early", f"best_{metric}", f"final_{metric}",
             "best_focus", "best_lung_mass", "best_edge_mass", "best_objective", "pareto"]
     table = ok[[c for c in cols if c in ok]].copy()
     for c in table.columns:
         if table[c].dtype.kind == "f":
             table[c] = table[c].map(lambda v: f"{v:.4g}")
     lines = [f"# {title}", "", _why(ok, metric), "", *([note, ""] if note else []),
+             f"`best_*`: each trial's values at its best epoch (by the objective: a maximum over epochs, so "
+             f"optimistic); `final_{metric}`: at its last epoch.", "",
              "| rank | " + " | ".join(table.columns) + " |",
              "|---" * (len(table.columns) + 1) + "|"]
     for i, (_, r) in enumerate(table.iterrows(), 1):

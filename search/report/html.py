@@ -305,8 +305,8 @@ def section_leaderboard(s: Sweep) -> str:
     searched = _searched(s)
     max_epochs = s.space.get("settings", {}).get("epochs")
     ranked = s.trials.sort_values("best_objective", ascending=False, na_position="last").reset_index(drop=True)
-    head = (["#", "trial"] + searched + ["epochs", "outcome", s.metric, "focus", "lung_mass", "edge_mass",
-                                         "lung_enrichment", "objective"])
+    head = (["#", "trial"] + searched + ["epochs", "outcome", s.metric, f"final {s.metric}", "focus", "lung_mass",
+                                         "edge_mass", "lung_enrichment", "objective"])
     text_cols = {"trial", "outcome"} | {k for k in searched if s.trials[k].dtype.kind not in "iuf"}
     ths = "".join(f'<th title="click to sort" data-sort="{"text" if h in text_cols else "num"}">'
                   f'{_e(h).replace("_", "_<wbr>")}</th>' for h in head)
@@ -327,14 +327,16 @@ def section_leaderboard(s: Sweep) -> str:
         else:
             err = str(r.get("error", "")) if pd.notna(r.get("error", "")) else ""
             cells.append(f'<td class="failed" title="{_e(err)}">failed ({_e(r["status"])})</td>')
-        for k, fmt in ((s.metric, ".3f"), ("focus", ".3f"), ("lung_mass", ".3f"), ("edge_mass", ".3f"),
-                       ("lung_enrichment", ".2f"), ("objective", ".3f")):
-            v = r.get(f"best_{k}", np.nan)
+        for col, fmt in ((f"best_{s.metric}", ".3f"), (f"final_{s.metric}", ".3f"), ("best_focus", ".3f"),
+                         ("best_lung_mass", ".3f"), ("best_edge_mass", ".3f"), ("best_lung_enrichment", ".2f"),
+                         ("best_objective", ".3f")):
+            v = r.get(col, np.nan)
             cells.append(_td(_num(v, fmt), v))
         cls = " ".join(["lead"] if "objective-best" in roles else []) + (" failed-row" if not ok else "")
         body.append(f'<tr class="{cls.strip()}">{"".join(cells)}</tr>')
     n_fail = int((s.trials["status"] != "TERMINATED").sum())
-    note = (f"{len(s.trials)} trials, best epoch of each; sorted by objective. Click a column to sort."
+    note = (f"{len(s.trials)} trials, values at the best epoch of each (a maximum over epochs: optimistic), "
+            f"and the metric at the last epoch (final); sorted by objective. Click a column to sort."
             + (f" {n_fail} failed (hover over “failed” for the error)." if n_fail else ""))
     return (f'<section id="leaderboard"><h2>Leaderboard</h2><p class="note">{_e(note)}</p>'
             f'<div class="scroll"><table class="sortable" id="leaderboard-table"><thead><tr>{ths}</tr></thead>'

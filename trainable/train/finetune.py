@@ -21,10 +21,12 @@ Space keys (defaults in `trainable.shared.TRIAL_DEFAULTS`):
              moving the ImageNet running statistics shifts the features the head was trained on
              (Keras' fine-tuning guide does the same). "train": BN of the trainable blocks
              uses batch statistics and updates its running statistics and affine parameters.
-  patience   early stopping on each fold's validation loss: a fold stops after `patience` ft
-             epochs without improvement (0 = never); either way each fold ends restored to its
-             best ft epoch (Keras' `restore_best_weights`), and the trial's last report is of
-             the restored models. `ft_epochs_kept` (mean over folds) is what `export` refits.
+  patience   early stopping: a fold stops after `patience` ft epochs without a lower loss on its
+             *inner split* (`inner_split`: ~20% of the fold's training patients per class, held
+             aside, so the validation fold only scores; 0 = never stops); either way each fold ends
+             restored to its best ft epoch by that loss (Keras' `restore_best_weights`), and the
+             trial's last report is of the restored models. The export refit does the same on all
+             images (`finetune_all`).
 
 After each ft epoch the Grad-CAM lung/edge mass is recomputed with the fine-tuned backbone: its
 target-layer maps of the validation images come from the same forward pass as the predictions,
@@ -242,11 +244,47 @@ def _epoch_rows(config: dict, tr: np.ndarray, y: np.ndarray, seed: int, fold: in
     return rows, epoch_params(config["augment"], len(rows), seed, fold, epoch)
 
 
+# the share of a fold's training patients held aside for fine-tuning's early stopping (per class)
+INNER_FRACTION = 0.2
+
+
+def inner_split(rows: np.ndarray, y: np.ndarray, patients: np.ndarray | None, seed: int, fold: int,
+                fraction: float = INNER_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, stop rows): about `fraction` of the patients of each class in `rows` (at least one
+    when the class has two or more) are held aside, whole, for early stopping, so the outer
+    validation fold only scores. Seeded by (seed, fold). No stop rows when the data are too small:
+    early stopping then watches the training loss."""
+    if patients is None or len(rows) == 0:
+        return rows, rows[:0]
+    rng = np.random.default_rng([seed, fold, 11])
+    pats = np.asarray(patients)[rows]
+    first_label = {}
+    for p, label in zip(pats, y[rows]):
+        first_label.setdefault(p, label)
+    held: set = set()
+    for c in sorted(set(first_label.values())):
+        of_class = sorted(p for p, label in first_label.items() if label == c)
+        if len(of_class) >= 2:
+            n = max(1, int(round(fraction * len(of_class))))
+            held |= set(rng.permutation(of_class)[:n].tolist())
+    stop = np.isin(pats, list(held))
+    return rows[~stop], rows[stop]
+
+
+def inner_loss(model: Classifier, images: np.ndarray, y: np.ndarray, pre: dict, margin: float,
+               input_size: int) -> float:
+    """Mean cross-entropy of unaugmented images (the early-stopping signal)."""
+    probs, _ = predict_with_maps(model, images, pre, margin, input_size)
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0))))
+
+
 class FtStage:
     """The lockstep `Stage` of the fine-tuning epochs: each fold's backbone + head train on the
-    augmented images, are validated on the unaugmented ones (predictions and Grad-CAM from the same
-    forward pass) and early-stop on their own validation loss. A stopped fold keeps its best result;
-    on the stage's last epoch every fold is restored to its best epoch and reports that."""
+    augmented images of most of its training patients and early-stop on the rest (`inner_split`:
+    the outer validation fold only scores); they are validated on the unaugmented images of the
+    validation fold (predictions and Grad-CAM from the same forward pass). A stopped fold keeps its
+    best result; on the stage's last epoch every fold is restored to its best epoch (by the inner
+    loss) and reports that."""
 
     def __init__(self, states: list[FoldState], config: dict, prepared: Prepared, fs: FeatureSet,
                  resume: dict | None = None) -> None:
@@ -257,6 +295,7 @@ class FtStage:
         self.folds = [new_ft_fold(config, fs, st.head, s.seed + 1000 + k, s.cam_layer, s.input_size)
                       for k, st in enumerate(states)]
         self.done = restore_ft(self.folds, resume) if resume else 0
+        self.splits = [inner_split(tr, self.y, prepared.patients, s.seed, k) for k, (tr, _) in enumerate(prepared.folds)]
         cam = self.folds[0].cam if self.folds else None
         self.reference = focus_reference(prepared.lung_masks[float(config["crop_margin"])],
                                          edge_band(s.input_size, s.edge_band),
@@ -266,12 +305,16 @@ class FtStage:
         ff, config, s, y = self.folds[k], self.config, self.prepared.settings, self.y
         if ff.stopped:
             return None
-        rows, params = _epoch_rows(config, self.prepared.folds[k][0], y, s.seed, k, epoch)
+        fit, stop = self.splits[k]
+        rows, params = _epoch_rows(config, fit, y, s.seed, k, epoch)
         weight = class_weights(y[rows], len(self.prepared.classes)) if config["class_weighted"] else None
         loss = train_ft_epoch(ff.model, ff.optimizer, ff.generator, self.images, rows, y, config,
                               self.fs.preprocessing, s.input_size, params, weight)
+        watched = inner_loss(ff.model, self.images[stop], y[stop], self.fs.preprocessing,
+                             float(config["crop_margin"]), s.input_size) if len(stop) else loss
         ff.current = self._validate(ff, k, loss)
-        if ff.early.update(ff.current["metrics"]["loss"], epoch + 1, ff.model):
+        ff.current["metrics"]["ft_inner_loss"] = watched
+        if ff.early.update(watched, epoch + 1, ff.model):
             ff.best = ff.current
         if ff.early.stop:  # restored now; its best result stands for it in later epochs
             ff.stopped = True
@@ -320,16 +363,25 @@ def finetune_folds(states: list[FoldState], config: dict, prepared: Prepared, fs
     return stage.folds
 
 
-def finetune_all(config: dict, prepared: Prepared, fs: FeatureSet, head: Head, n_epochs: int) -> Classifier:
-    """The export refit: fine-tune backbone + `head` on every image for `n_epochs` (no validation)."""
+def finetune_all(config: dict, prepared: Prepared, fs: FeatureSet, head: Head, n_epochs: int
+                 ) -> tuple[Classifier, int]:
+    """The export refit: fine-tune backbone + `head` on every image the way each fold was: up to
+    `n_epochs`, early stopping on an inner split of the patients (`patience`), restored to the best
+    epoch by the inner loss. Returns the model and the ft epochs it kept."""
     s = prepared.settings
     images = prepared.image_array()
     y = np.asarray(prepared.labels)
     ff = new_ft_fold(config, fs, head, s.seed + 1000)
-    everything = np.arange(len(y))
+    fit, stop = inner_split(np.arange(len(y)), y, prepared.patients, s.seed, 999)  # 999: not a CV fold
     for j in range(n_epochs):
-        rows, params = _epoch_rows(config, everything, y, s.seed, 999, j)  # 999: not a CV fold
+        rows, params = _epoch_rows(config, fit, y, s.seed, 999, j)
         weight = class_weights(y[rows], len(prepared.classes)) if config["class_weighted"] else None
-        train_ft_epoch(ff.model, ff.optimizer, ff.generator, images, rows, y, config, fs.preprocessing,
-                       s.input_size, params, weight)
-    return ff.model.cpu().eval()
+        loss = train_ft_epoch(ff.model, ff.optimizer, ff.generator, images, rows, y, config, fs.preprocessing,
+                              s.input_size, params, weight)
+        watched = inner_loss(ff.model, images[stop], y[stop], fs.preprocessing, float(config["crop_margin"]),
+                             s.input_size) if len(stop) else loss
+        ff.early.update(watched, j + 1, ff.model)
+        if ff.early.stop:
+            break
+    ff.early.restore(ff.model)
+    return ff.model.cpu().eval(), ff.early.best_epoch
