@@ -83,6 +83,9 @@ class LibraryCam:
         self.backbone, self.key, self.batch_size = backbone, key, batch_size or inference_batch_size()
         self.layer = backbone.model.get_submodule(backbone.target_layer)
         self.images = 0  # validation images explained (each a forward and a backward pass)
+        with torch.no_grad():  # the map grid the masses come from (focus is relative to it)
+            probe = torch.zeros(1, backbone.preprocessing.in_chans, key.input_size, key.input_size)
+            self.grid = tuple(backbone.model(probe).shape[2:])
 
     def masses(self, head: torch.nn.Module, images: np.ndarray, targets: torch.Tensor, lung_masks: np.ndarray,
                edge: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
