@@ -26,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trainable.data.dataset import TASKS
 from trainable.data.augment import AUGMENT_POLICIES
 from trainable.errors import CxrtuneError
+from trainable.cam.loss import CAM_LOSS_REGIONS
 from trainable.models.registry import available_backbones
 from trainable.shared import TRIAL_DEFAULTS, Settings
+from trainable.train.balance import BALANCE_MODES
 from trainable.train.metrics import OBJECTIVE_METRICS
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
@@ -214,6 +216,14 @@ class SweepSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _one_balance_key(self) -> "SweepSpec":
+        # class_weighted is the older spelling of balance (true: class, false: none): one of them, not both
+        if "balance" in self.space and "class_weighted" in self.space:
+            raise ValueError("space.balance: set balance or class_weighted, not both "
+                             "(class_weighted: true is balance: class, false is balance: none)")
+        return self
+
+    @model_validator(mode="after")
     def _something_to_search(self) -> "SweepSpec":
         if self.num_samples > 1 and not self.searched():
             raise ValueError(f"num_samples is {self.num_samples} but every parameter in `space` is fixed, so "
@@ -290,6 +300,7 @@ def _check_range(key: str, param: Any) -> None:
 
 def _check_value(key: str, value: Any) -> None:
     _check_ft_value(key, value)
+    _check_lever_value(key, value)
     if key == "backbone" and value not in available_backbones():
         raise ValueError(f"unknown backbone {value!r}; known: {available_backbones()}")
     if key == "augment" and value not in AUGMENT_POLICIES:
@@ -306,6 +317,16 @@ def _check_value(key: str, value: Any) -> None:
         raise ValueError(f"weight_decay must be a number >= 0 (got {value!r})")
     if key == "weights" and not (value in ("imagenet", "random") or Path(str(value)).suffix):
         raise ValueError(f"weights must be 'imagenet', 'random' or a weights file path (got {value!r})")
+
+
+def _check_lever_value(key: str, value: Any) -> None:
+    """The training levers (README "Training levers"): balance, cam_loss, cam_loss_region."""
+    if key == "balance" and value not in BALANCE_MODES:
+        raise ValueError(f"balance must be one of {list(BALANCE_MODES)} (got {value!r})")
+    if key == "cam_loss" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        raise ValueError(f"cam_loss must be a number >= 0 (got {value!r})")
+    if key == "cam_loss_region" and value not in CAM_LOSS_REGIONS:
+        raise ValueError(f"cam_loss_region must be one of {list(CAM_LOSS_REGIONS)} (got {value!r})")
 
 
 def _check_ft_value(key: str, value: Any) -> None:

@@ -23,10 +23,10 @@ from trainable.data.images import geometry, read_gray, to_model_input
 from trainable.errors import ModelError
 from trainable.models.backbones import build_backbone
 from trainable.models.featureset import FeatureSet
-from trainable.models.head import Classifier, Head, class_weights, train_one_epoch
+from trainable.models.head import Classifier, Head
 from trainable.shared import Prepared, with_defaults
 from trainable.train.finetune import INNER_FRACTION, finetune_all
-from trainable.train.head_stage import new_fold_state, train_view
+from trainable.train.head_stage import cached_scoring, cam_term, new_fold_state, train_head_epoch, train_view
 from trainable.train.oversample import oversampled_rows
 
 
@@ -34,17 +34,16 @@ def refit_head(config: dict, prepared: Prepared, fs: FeatureSet, epochs: int) ->
     """Train the head on all images (same schedule and views as a trial's fold)."""
     config = with_defaults(config)
     pooled = fs.pooled[config["augment"]]
-    labels = torch.as_tensor(np.array(prepared.labels))
     st = new_fold_state(config, pooled.shape[-1], len(prepared.classes), prepared.settings.seed)
     y = np.asarray(prepared.labels)
     everything = np.arange(len(y))
+    # the trial's Grad-CAM loss too (None when cam_loss is 0); its loss weights come from `balance`
+    cam = cam_term(config, prepared, cached_scoring(config, prepared, fs)) if float(config["cam_loss"]) > 0 else None
     for epoch in range(epochs):
         v = train_view(epoch, len(pooled), prepared.settings.seed, 0)
         rows, views = (oversampled_rows(everything, y, v, len(pooled), epoch, prepared.settings.seed, 0)
                        if config["oversample"] else (everything, np.full(len(y), v)))
-        weight = class_weights(y[rows], len(prepared.classes)) if config["class_weighted"] else None
-        train_one_epoch(st.head, st.optimizer, torch.tensor(pooled[views, rows]), labels[rows],
-                        int(config["batch_size"]), st.generator, weight)
+        train_head_epoch(st, config, prepared, pooled, rows, views, cam)
     return st.head.eval()
 
 

@@ -25,6 +25,11 @@ TRIAL_DEFAULTS: dict[str, object] = {
     "augment": "none",
     "crop_margin": 0.0,
     "class_weighted": True,
+    # loss weights: none | class | group (trainable.train.balance); auto = class_weighted's (true: class)
+    "balance": "auto",
+    # Grad-CAM loss of the head stage (trainable.cam.loss): lambda x share of |signed evidence| outside the region
+    "cam_loss": 0.0,
+    "cam_loss_region": "outside_lungs",   # outside_lungs | edge (the border band outside the lungs)
     "oversample": False,      # minority class twice per epoch, the copy augmented (trainable.train.oversample)
     # fine-tuning stage after the head epochs (trainable.train.finetune); ft_epochs 0 = none
     "ft_epochs": 0,

@@ -1,6 +1,8 @@
 """The new classification head and its training loop on pooled backbone features."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -38,15 +40,27 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
 
 
 def train_one_epoch(head: Head, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                    batch_size: int, generator: torch.Generator, weight: torch.Tensor | None) -> float:
-    """One pass over (x, y) in shuffled mini-batches; returns the mean training loss."""
+                    batch_size: int, generator: torch.Generator, weight: torch.Tensor | None,
+                    sample_weight: torch.Tensor | None = None,
+                    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """One pass over (x, y) in shuffled mini-batches; returns the mean training loss.
+
+    `weight`: class weights of the cross-entropy; `sample_weight` (len(x),): per-sample weights
+    instead (the batch loss is their weighted mean); `penalty(idx)`: a scalar added to the loss of
+    the batch of rows `idx` of x (the head stage's Grad-CAM loss, `trainable.cam.loss`)."""
     head.train()
     order = torch.randperm(len(x), generator=generator)
     total = 0.0
     for s in range(0, len(x), batch_size):
         idx = order[s:s + batch_size]
         optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(head(x[idx]), y[idx], weight=weight)
+        if sample_weight is None:
+            loss = nn.functional.cross_entropy(head(x[idx]), y[idx], weight=weight)
+        else:
+            sw = sample_weight[idx]
+            loss = (nn.functional.cross_entropy(head(x[idx]), y[idx], reduction="none") * sw).sum() / sw.sum()
+        if penalty is not None:
+            loss = loss + penalty(idx)
         loss.backward()
         optimizer.step()
         total += float(loss.detach()) * len(idx)

@@ -54,6 +54,7 @@ from trainable.models.features import inference_batch_size
 from trainable.models.featureset import FeatureSet
 from trainable.models.head import Classifier, Head, class_weights
 from trainable.shared import Prepared
+from trainable.train.balance import balance_mode
 from trainable.train.checkpoint import restore_ft
 from trainable.train.head_stage import FoldState
 from trainable.train.lockstep import FoldResult, cam_targets, fold_result, run_lockstep
@@ -307,7 +308,7 @@ class FtStage:
             return None
         fit, stop = self.splits[k]
         rows, params = _epoch_rows(config, fit, y, s.seed, k, epoch)
-        weight = class_weights(y[rows], len(self.prepared.classes)) if config["class_weighted"] else None
+        weight = class_weights(y[rows], len(self.prepared.classes)) if balance_mode(config) != "none" else None
         loss = train_ft_epoch(ff.model, ff.optimizer, ff.generator, self.images, rows, y, config,
                               self.fs.preprocessing, s.input_size, params, weight)
         watched = inner_loss(ff.model, self.images[stop], y[stop], self.fs.preprocessing,
@@ -375,7 +376,7 @@ def finetune_all(config: dict, prepared: Prepared, fs: FeatureSet, head: Head, n
     fit, stop = inner_split(np.arange(len(y)), y, prepared.patients, s.seed, 999)  # 999: not a CV fold
     for j in range(n_epochs):
         rows, params = _epoch_rows(config, fit, y, s.seed, 999, j)
-        weight = class_weights(y[rows], len(prepared.classes)) if config["class_weighted"] else None
+        weight = class_weights(y[rows], len(prepared.classes)) if balance_mode(config) != "none" else None
         loss = train_ft_epoch(ff.model, ff.optimizer, ff.generator, images, rows, y, config, fs.preprocessing,
                               s.input_size, params, weight)
         watched = inner_loss(ff.model, images[stop], y[stop], fs.preprocessing, float(config["crop_margin"]),

@@ -5,9 +5,16 @@ size, crop, view, image), so they are computed once per sweep (`trainable.prepar
 a pass over pooled vectors, and Grad-CAM is exact from the cached maps (`trainable.cam.explain`).
 With `settings.cam_layer` other than `final`, the masses come from the full model at that layer
 (`trainable.cam.camlayer.LayerCam`) instead.
+
+Training levers (README "Training levers"): `balance` (loss weights: `trainable.train.balance`) and
+`cam_loss` λ > 0 (`CamTerm`: λ × the share of the head's signed Grad-CAM evidence outside the
+lungs, `trainable.cam.loss`). The pooled vectors a head trains on come from augmented views, but
+only view 0's maps are cached, so the Grad-CAM loss of a batch row is computed on its image's
+view-0 maps (the float32 copy `cached_scoring` builds once per trial for scoring: no second copy).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,9 +22,11 @@ import numpy as np
 import torch
 
 from trainable.cam.explain import GridScorer, edge_band, focus_reference
+from trainable.cam.loss import cam_loss, region_weights
 from trainable.models.featureset import FeatureSet
-from trainable.models.head import Head, class_weights, predict_proba, train_one_epoch
+from trainable.models.head import Head, predict_proba, train_one_epoch
 from trainable.shared import Prepared
+from trainable.train.balance import loss_weights
 from trainable.train.lockstep import FoldResult, cam_targets, fold_result, lockstep_epoch
 from trainable.train.oversample import oversampled_rows
 
@@ -69,6 +78,51 @@ def cached_scoring(config: dict, prepared: Prepared, fs: FeatureSet) -> CachedSc
                          GridScorer(lung, edge_band(s.input_size, s.edge_band), *fs.maps.shape[2:]))
 
 
+@dataclass
+class CamTerm:
+    """The head stage's Grad-CAM loss (`cam_loss` λ > 0): λ × `trainable.cam.loss.cam_loss` on the
+    view-0 maps of each batch row's image. `maps`, `pooled`: `CachedScoring`'s (every image, in
+    order); `outside`: per image the fraction of each map cell outside the region (N, h, w)."""
+
+    lam: float
+    maps: torch.Tensor
+    pooled: torch.Tensor
+    outside: torch.Tensor
+
+    def penalty(self, head: Head, rows: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`train_one_epoch`'s penalty for a pass over the images `rows` (row i of x is image rows[i])."""
+        rows_t = torch.as_tensor(rows)
+
+        def term(idx: torch.Tensor) -> torch.Tensor:
+            r = rows_t[idx]
+            return self.lam * cam_loss(head, self.maps[r], self.outside[r], self.pooled[r])
+
+        return term
+
+
+def cam_term(config: dict, prepared: Prepared, scoring: CachedScoring) -> CamTerm | None:
+    """The Grad-CAM loss of a trial, or None when its λ is 0 (the fast path does no extra work)."""
+    lam = float(config["cam_loss"])
+    if lam <= 0:
+        return None
+    s = prepared.settings
+    outside = region_weights(prepared.lung_masks[float(config["crop_margin"])], edge_band(s.input_size, s.edge_band),
+                             str(config["cam_loss_region"]), *scoring.maps.shape[2:])
+    return CamTerm(lam, scoring.maps, scoring.pooled, outside)
+
+
+def train_head_epoch(st: FoldState, config: dict, prepared: Prepared, pooled: np.ndarray, rows: np.ndarray,
+                     views: np.ndarray, cam: CamTerm | None) -> float:
+    """One epoch of a head on the cached pooled vectors `pooled[views, rows]` with the trial's loss
+    weights (`balance`) and Grad-CAM loss (`cam`); returns the mean training loss."""
+    y = np.asarray(prepared.labels)
+    groups = None if prepared.groups is None else np.asarray(prepared.groups)[rows]
+    weight, sample_weight = loss_weights(config, y[rows], groups, len(prepared.classes), prepared.settings.min_cell)
+    return train_one_epoch(st.head, st.optimizer, torch.from_numpy(pooled[views, rows]), torch.as_tensor(y[rows]),
+                           int(config["batch_size"]), st.generator, weight, sample_weight,
+                           None if cam is None else cam.penalty(st.head, rows))
+
+
 def train_view(epoch: int, n_views: int, seed: int, fold: int) -> int:
     """Which cached augmentation view a fold trains on in an epoch (0 when there is no augmentation)."""
     if n_views <= 1:
@@ -90,6 +144,9 @@ class HeadStage:
         self.lung = prepared.lung_masks[float(config["crop_margin"])]
         self.edge = edge_band(s.input_size, s.edge_band)
         self.scoring = scoring if cam is not None or scoring is not None else cached_scoring(config, prepared, fs)
+        if float(config["cam_loss"]) > 0 and self.scoring is None:  # cam_layer scoring: the loss still needs the maps
+            self.scoring = cached_scoring(config, prepared, fs)
+        self.cam_term = None if self.scoring is None else cam_term(config, prepared, self.scoring)
         # focus is relative to the map grid the masses are scored on: the cached maps', or cam_layer's
         self.reference = focus_reference(self.lung, self.edge, *(cam.grid if cam is not None else fs.maps.shape[2:]))
 
@@ -100,9 +157,7 @@ class HeadStage:
         # oversample: the minority's rows again, from another cached view (trainable.train.oversample)
         rows, views = oversampled_rows(tr, y, v, len(self.pooled), epoch, s.seed, k) if config["oversample"] \
             else (tr, np.full(len(tr), v))
-        weight = class_weights(y[rows], len(prepared.classes)) if config["class_weighted"] else None
-        train_loss = train_one_epoch(st.head, st.optimizer, torch.from_numpy(self.pooled[views, rows]),
-                                     self.labels[rows], int(config["batch_size"]), st.generator, weight)
+        train_loss = train_head_epoch(st, config, prepared, self.pooled, rows, views, self.cam_term)
         probs = predict_proba(st.head, torch.from_numpy(self.pooled[0][va]))
         targets = cam_targets(s.cam_target, y[va], probs, prepared.classes)
         if self.cam is None:   # exact Grad-CAM from the cached last maps (fast path)
