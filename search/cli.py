@@ -138,6 +138,9 @@ def explain(
     mask: Optional[list[Path]] = typer.Option(None, help="Lung mask per image (default: the lung atlas)."),
 ) -> None:
     """Grad-CAM of an exported model on images: overlay PNG, CAM .npy and a JSON line each."""
+    from trainable.model_dir import check_model_dir
+
+    check_model_dir(model)  # a broken export is one line before torch is imported
     from search.outputs.explain_images import explain_images
 
     for line in explain_images(model, images, out, target=target, masks=mask):
@@ -181,6 +184,9 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Also write the results as JSON to this file."),
 ) -> None:
     """Score an exported model on a data set: accuracy, balanced accuracy, AUC, per-class P/R/F1, confusion matrix, lung_mass, edge_mass."""
+    from trainable.model_dir import check_model_dir
+
+    check_model_dir(model)  # a broken export is one line before torch is imported
     from search.outputs.evaluate import evaluate as evaluate_model
     from search.outputs.evaluate import report_lines, write_json
 

@@ -21,6 +21,7 @@ from PIL import Image
 from trainable.atomic import atomic_dir
 from trainable.data.images import geometry, read_gray, to_model_input
 from trainable.errors import ModelError
+from trainable.model_dir import check_model_dir
 from trainable.models.backbones import build_backbone
 from trainable.models.featureset import FeatureSet
 from trainable.models.head import Classifier, Head
@@ -118,10 +119,8 @@ def load_model(model_dir: str | Path) -> tuple[Classifier, dict]:
     >>> probs = model(x).softmax(1)                                # doctest: +SKIP
     """
     model_dir = Path(model_dir)
-    meta = read_metadata(model_dir)
+    meta = check_model_dir(model_dir)
     weights = model_dir / "model.pt"
-    if not weights.is_file():
-        raise ModelError(f"{weights} is missing: {model_dir} is a partial export (export it again)")
     backbone = build_backbone(meta["backbone"], "random")  # weights come from model.pt, no download
     head = Head(meta["num_features"], meta["hidden"], len(meta["classes"]), meta["dropout"])
     model = Classifier(backbone.model, head)
@@ -136,36 +135,6 @@ def load_model(model_dir: str | Path) -> tuple[Classifier, dict]:
         raise ModelError(f"{weights} does not fit {model_dir / 'metadata.json'} (backbone {meta['backbone']!r}, "
                          f"hidden {meta['hidden']}): {_first_line(e)}") from None
     return model.eval(), meta
-
-
-# what load_model, preprocess_image, evaluate and explain read from metadata.json
-_META_KEYS = ("backbone", "classes", "num_features", "hidden", "dropout", "preprocessing")
-_PREPROCESSING_KEYS = ("base_size", "crop_margin", "input_size", "in_chans", "mean", "std")
-
-
-def read_metadata(model_dir: Path) -> dict:
-    """metadata.json of an export, checked for the fields a loaded model needs (ModelError naming
-    the file and the first missing field otherwise)."""
-    meta_file = model_dir / "metadata.json"
-    if not model_dir.is_dir():
-        raise ModelError(f"model directory {model_dir} does not exist")
-    if not meta_file.is_file():
-        raise ModelError(f"{model_dir} is not a cxrtune model directory (no metadata.json)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{meta_file}: not valid JSON ({e}): the export is corrupt or partial "
-                         f"(export it again)") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"{meta_file}: expected a JSON object (got {type(meta).__name__})")
-    missing = [k for k in _META_KEYS if k not in meta]
-    pre = meta.get("preprocessing")
-    if isinstance(pre, dict):
-        missing += [f"preprocessing.{k}" for k in _PREPROCESSING_KEYS if k not in pre]
-    if missing:
-        raise ModelError(f"{meta_file}: missing field(s) {', '.join(missing)}: not a complete cxrtune "
-                         f"export (export it again)")
-    return meta
 
 
 def _first_line(e: BaseException) -> str:
