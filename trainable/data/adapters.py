@@ -75,16 +75,22 @@ def _read_manifest_layout(path: Path) -> tuple[pd.DataFrame, Path]:
     return read_manifest(csv), csv.parent.resolve()
 
 
-def read_manifest(csv: Path) -> pd.DataFrame:
-    """A manifest CSV with its required columns present and non-empty, optional ones filled with ""."""
+def _read_csv(csv: Path, columns: tuple[str, ...] | list[str], what: str, kind: str, rule: str) -> pd.DataFrame:
+    """A CSV read as strings, with `columns` present (DataError naming the file and the rule)."""
     try:
         table = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{csv}: not a readable CSV manifest ({e})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+        raise DataError(f"{csv}: not a readable {what} ({e})") from None
+    missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise DataError(f"{csv}: missing required column(s) {', '.join(missing)}; "
-                        f"a manifest needs {', '.join(REQUIRED_COLUMNS)}")
+        raise DataError(f"{csv}: missing {kind} {', '.join(missing)}; {rule}")
+    return table
+
+
+def read_manifest(csv: Path) -> pd.DataFrame:
+    """A manifest CSV with its required columns present and non-empty, optional ones filled with ""."""
+    table = _read_csv(csv, REQUIRED_COLUMNS, "CSV manifest", "required column(s)",
+                      f"a manifest needs {', '.join(REQUIRED_COLUMNS)}")
     if table.empty:
         raise DataError(f"{csv}: the manifest has no rows")
     for col in REQUIRED_COLUMNS:
@@ -281,14 +287,8 @@ def _read_ieee8023(root: Path, frontal_only: bool = True) -> tuple[pd.DataFrame,
     annotation has the image's size (extracted, binarised, into `cache_root()`).
     """
     csv = root / "metadata.csv"
-    try:
-        meta = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{csv}: not a readable CSV ({e})") from None
-    missing = [c for c in IEEE_COLUMNS if c not in meta.columns]
-    if missing:
-        raise DataError(f"{csv}: missing column(s) {', '.join(missing)}; the covid-chestxray-dataset "
-                        f"metadata has {', '.join(IEEE_COLUMNS)}")
+    meta = _read_csv(csv, IEEE_COLUMNS, "CSV", "column(s)",
+                     f"the covid-chestxray-dataset metadata has {', '.join(IEEE_COLUMNS)}")
     keep = ~meta["finding"].str.strip().str.lower().isin(_IEEE_SKIP)
     if "modality" in meta:
         keep &= meta["modality"].str.strip().str.lower().isin(["x-ray", "xray", "cr", "dx", ""])
