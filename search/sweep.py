@@ -190,12 +190,15 @@ def run_sweep(spec: SweepSpec, *, space_file: Path | None = None, data: str | No
         + ", ".join(f"{c}={int((dataset.labels == k).sum())}" for k, c in enumerate(dataset.classes)))
     for note in dataset.notes:  # e.g. images a task dropped (covid_vs_viral)
         log(note)
+    confounding: list[str] = []  # also in space.json: report.html shows it on its first screen
     if spec.group_column in dataset.table:
-        for line in confounding_report(dataset, spec.group_column)[0]:
+        confounding = confounding_report(dataset, spec.group_column)[0]
+        for line in confounding:
             log(line)
     # every image is decoded before Ray starts: a corrupt file stops the run here, in seconds
     shared = shared_arrays(dataset, spec.settings(), feature_keys(spec), log)
-    write_record(results, spec, space_file, data_format, storage, dataset=dataset, data_hash=full.content_hash())
+    write_record(results, spec, space_file, data_format, storage, dataset=dataset, data_hash=full.content_hash(),
+                 confounding=confounding)
     write_split(results, split)
     if address and address.startswith("ray://") and not is_uri(storage):
         log("warning: with a ray:// address Tune writes its experiment on the cluster; "
@@ -210,14 +213,16 @@ def run_sweep(spec: SweepSpec, *, space_file: Path | None = None, data: str | No
 
 
 def write_record(results: Path, spec: SweepSpec, space_file: Path | None, data_format: str,
-                 storage: str | None, dataset: Dataset | None = None, data_hash: str | None = None) -> None:
+                 storage: str | None, dataset: Dataset | None = None, data_hash: str | None = None,
+                 confounding: list[str] | None = None) -> None:
     """space.json: what `cxrtune resume` needs to rebuild the trainable and find the experiment."""
     atomic_write_text(results / "space.json", json.dumps(
         {"spec": spec.model_dump(mode="json"), "settings": asdict(spec.settings()),
          "space_file": str(Path(space_file).resolve()) if space_file else None,
          "data": str(dataset.root) if dataset is not None else None,
          "data_format": data_format, "data_hash": data_hash, "storage": storage,
-         "tune_path": "/".join(tune_location(results, storage))}, indent=2))
+         "tune_path": "/".join(tune_location(results, storage)), "confounding": confounding or []},
+        indent=2))
 
 
 def check_resources(spec: SweepSpec, *, local: bool, log: Callable[[str], None]) -> None:

@@ -247,3 +247,17 @@ def test_mlflow_tracker_uses_a_local_file_store(tmp_path: Path, monkeypatch: pyt
     cb.setup()  # MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set: setup sets it
     assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"
     assert (tmp_path / "mlruns").is_dir()
+
+
+def test_the_first_screen_shows_the_confound_and_the_cards_show_group_metrics(tmp_path: Path) -> None:
+    """report.html puts the data's label × group table and its warning before the held-out and the
+    leaderboard sections, and every card and leaderboard row carries the group metrics."""
+    root = make_results(tmp_path / "r", extras=True)
+    space = json.loads((root / "space.json").read_text())
+    space["confounding"] = ["label × source (2 group(s)):", "  label  kermany  ieee8023", "  covid  0  77",
+                            "warning: every `normal` image comes from `kermany`"]
+    (root / "space.json").write_text(json.dumps(space))
+    page = build_report(root)
+    assert page.index('id="confounding"') < page.index('id="heldout"') < page.index('id="leaderboard"')
+    assert "every `normal` image comes from `kermany`" in page and "label × source" in page
+    assert page.count("<dt>worst_group_accuracy</dt>") >= 1 and "within_group_auc" in page

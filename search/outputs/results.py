@@ -82,7 +82,8 @@ def epoch_history(result_grid: tune.ResultGrid) -> pd.DataFrame:
 def leaderboard_markdown(df: pd.DataFrame, metric: str, searched: list[str], title: str, note: str = "") -> str:
     ok = df[df["status"] == "TERMINATED"]
     cols = ["trial_id", *searched, "epochs_run", "stopped_early", f"best_{metric}", f"final_{metric}",
-            "best_focus", "best_lung_mass", "best_edge_mass", "best_objective", "pareto"]
+            "best_focus", "best_lung_mass", "best_edge_mass", "best_worst_group_accuracy", "best_within_group_auc",
+            "best_objective", "pareto"]
     table = ok[[c for c in cols if c in ok]].copy()
     for c in table.columns:
         if table[c].dtype.kind == "f":

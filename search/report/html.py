@@ -195,8 +195,9 @@ def section_summary(s: Sweep) -> str:
     pareto_mode = s.space.get("spec", {}).get("objective", {}).get("mode") == "pareto"
     explain = {"objective-best": ("Pareto-front member with the highest objective" if pareto_mode
                                   else "highest objective") + " — exported to best/",
+               # `select` may have used another metric than the objective's (cxrtune select --metric)
                "selected": f"most lung-focused within Δ{' ' + str(s.selection['within']) if 'within' in s.selection else ''}"
-                           f" of the best {s.metric} — exported to selected/",
+                           f" of the best {s.selection.get('metric', s.metric)} — exported to selected/",
                "metric-best": f"highest {s.metric} alone (what a metric-only search picks)"}
     for role in ("objective-best", "selected", "metric-best"):
         tid = s.roles.get(role)
@@ -213,6 +214,8 @@ def section_summary(s: Sweep) -> str:
             f'<dt>focus</dt><dd>{_num(r.get("best_focus"))}</dd>'
             f'<dt>lung_mass</dt><dd>{_num(r.get("best_lung_mass"), ".1%")}</dd>'
             f'<dt>edge_mass</dt><dd>{_num(r.get("best_edge_mass"), ".1%")}</dd>'
+            f'<dt>worst_group_accuracy</dt><dd>{_num(r.get("best_worst_group_accuracy"))}</dd>'
+            f'<dt>within_group_auc</dt><dd>{_num(r.get("best_within_group_auc"))}</dd>'
             f'<dt>objective</dt><dd>{_num(r.get("best_objective"))}</dd></dl>'
             f'<p class="cfg">{_e(_config_text(s, r))}</p></div>')
     data = sm.get("data", {})
@@ -266,6 +269,22 @@ def _duration(seconds: object) -> str:
     return f"{t:.0f} s" if t < 120 else f"{t / 60:.1f} min" if t < 7200 else f"{t / 3600:.1f} h"
 
 
+def section_confounding(s: Sweep) -> str:
+    """The data's label × group table and its warnings (space.json["confounding"]), on the first
+    screen: Grad-CAM's lung/edge mass cannot see a shortcut inside the chest (source, age, scanner)."""
+    lines = s.space.get("confounding")
+    if not lines:
+        return ('<section id="confounding"><h2>Confounding</h2><p class="absent">Not recorded for this sweep '
+                '(sweeps before this report version, or data without the group column).</p></section>')
+    warn = [ln for ln in lines if ln.startswith("warning")]
+    table = [ln for ln in lines if not ln.startswith("warning")]
+    return ('<section id="confounding"><h2>Confounding: label × group</h2>'
+            + "".join(f'<p class="warn"><strong>{_e(w)}</strong></p>' for w in warn)
+            + f'<pre>{_e(chr(10).join(table))}</pre><p class="note">Compare worst_group_accuracy and '
+              f'within_group_auc (cards, leaderboard) with the pooled metric: a model can score well by '
+              f'reading the group instead of the disease.</p></section>')
+
+
 def _objective_text(obj: dict) -> str:
     if not obj:
         return "—"
@@ -306,7 +325,8 @@ def section_leaderboard(s: Sweep) -> str:
     max_epochs = s.space.get("settings", {}).get("epochs")
     ranked = s.trials.sort_values("best_objective", ascending=False, na_position="last").reset_index(drop=True)
     head = (["#", "trial"] + searched + ["epochs", "outcome", s.metric, f"final {s.metric}", "focus", "lung_mass",
-                                         "edge_mass", "lung_enrichment", "objective"])
+                                         "edge_mass", "lung_enrichment", "worst_group_accuracy", "within_group_auc",
+                                         "objective"])
     text_cols = {"trial", "outcome"} | {k for k in searched if s.trials[k].dtype.kind not in "iuf"}
     ths = "".join(f'<th title="click to sort" data-sort="{"text" if h in text_cols else "num"}">'
                   f'{_e(h).replace("_", "_<wbr>")}</th>' for h in head)
@@ -329,6 +349,7 @@ def section_leaderboard(s: Sweep) -> str:
             cells.append(f'<td class="failed" title="{_e(err)}">failed ({_e(r["status"])})</td>')
         for col, fmt in ((f"best_{s.metric}", ".3f"), (f"final_{s.metric}", ".3f"), ("best_focus", ".3f"),
                          ("best_lung_mass", ".3f"), ("best_edge_mass", ".3f"), ("best_lung_enrichment", ".2f"),
+                         ("best_worst_group_accuracy", ".3f"), ("best_within_group_auc", ".3f"),
                          ("best_objective", ".3f")):
             v = r.get(col, np.nan)
             cells.append(_td(_num(v, fmt), v))
@@ -506,7 +527,7 @@ display:flex;gap:18px;font-size:13px}nav a{color:var(--blue);text-decoration:non
 main{padding:18px 24px 40px;max-width:1400px}
 section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:16px 18px;margin:0 0 18px}
 h2{margin:0 0 8px;font-size:17px}h3{margin:0 0 6px;font-size:15px}
-.note{color:var(--mut);margin:0 0 10px}.absent{color:#8a4b00;background:#fff6e5;border-left:3px solid var(--orange);
+.note{color:var(--mut);margin:0 0 10px}.warn{color:#8b0000;background:#fdecea;border-left:3px solid #c62828;padding:4px 8px}.absent{color:#8a4b00;background:#fff6e5;border-left:3px solid var(--orange);
 padding:6px 10px;margin:6px 0}
 .stats{display:flex;flex-wrap:wrap;gap:10px;margin-bottom:14px}.stat{flex:1 1 120px;background:var(--bg);
 border-radius:6px;padding:10px 14px}.stat b{display:block;font-size:24px}.stat span{color:var(--mut);font-size:12px}
@@ -587,7 +608,7 @@ def build_report(results: Path) -> str:
         ("tradeoff", "Accuracy vs lung focus"),
         ("asha", "ASHA"), ("gradcam", "Grad-CAM"), ("models", "Top models")))
     body = "".join([
-        section_summary(s), section_heldout(s.root), section_leaderboard(s),
+        section_summary(s), section_confounding(s), section_heldout(s.root), section_leaderboard(s),
         f'<div class="grid2">{section_tradeoff(s)}{section_asha(s)}</div>',
         section_gradcam(s), section_models(s)])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
