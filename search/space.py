@@ -360,7 +360,10 @@ def load_space(space: str | Path) -> SweepSpec:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: not valid YAML ({str(e).splitlines()[0]}; {getattr(e, 'problem_mark', '')})") from None
+        mark = getattr(e, "problem_mark", None)  # yaml's own str() of a mark spans three lines
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpaceError(f"{path}: not valid YAML ({where}{problem})") from None
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: the top level must be a mapping of settings (got {type(raw).__name__})")
     try:
@@ -374,7 +377,7 @@ def _first_error(e: ValidationError) -> str:
     errors = e.errors()
     # a union error reports every member; prefer the message that is not a type mismatch
     rank = {"value_error": 0, "extra_forbidden": 1, "missing": 2}
-    best = min(errors, key=lambda x: rank.get(x["type"], 3))
+    best = min(errors, key=lambda x: -1 if x["type"] != "missing" and _own_member(x["loc"]) else rank.get(x["type"], 3))
     loc = ".".join(str(p) for p in best["loc"] if not str(p)[0].isupper() and "[" not in str(p))
     msg = best["msg"].removeprefix("Value error, ")
     if best["type"] == "extra_forbidden":
@@ -385,6 +388,13 @@ def _first_error(e: ValidationError) -> str:
     value = best.get("input")
     shown = "" if best["type"] in ("value_error", "missing") else f" (got {value!r})"
     return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"   # model-level rules name their fields
+
+
+def _own_member(loc: tuple) -> bool:
+    """The error comes from the union member the user wrote: `Choice` then its own `choice` field
+    (so `{choice: []}` is told it needs a value, not that `choice` is unknown to `Uniform`)."""
+    names = [str(p) for p in loc]
+    return any(a[0].isupper() and a.lower() == b for a, b in zip(names, names[1:]))
 
 
 def tune_param_space(spec: SweepSpec) -> dict[str, Any]:
