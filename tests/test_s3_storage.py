@@ -16,7 +16,8 @@ import pytest
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (the test extra)")
 
-from test_resume import ENV, SPACE as RESUME_SPACE, read_trials, same_rows  # noqa: E402
+from test_resume import ENV, read_trials, same_rows
+from test_resume import SPACE as RESUME_SPACE
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "cxr-sweeps"
@@ -77,7 +78,7 @@ def read_object(env: dict[str, str], key: str) -> bytes:
 
 def cli(*args: str, env: dict[str, str], timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def test_sweep_keeps_experiment_and_report_in_the_bucket(tmp_path: Path, s3_env: dict[str, str]) -> None:
@@ -147,10 +148,10 @@ def test_sigterm_then_resume_from_the_bucket(tmp_path: Path, s3_env: dict[str, s
     env = {**ENV, "CXRTUNE_CACHE_DIR": str(tmp_path / "cache"), **s3_env}
     results, storage = tmp_path / "results" / "r", f"s3://{BUCKET}/resume"
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "run", "--space", str(tmp_path / "space.yaml"),
-                             "--out", str(tmp_path / "results"), "--name", "r", "--storage", storage],
-                            cwd=ROOT, env=env, stdout=open(tmp_path / "run.out", "w"),
-                            stderr=open(tmp_path / "run.err", "w"))
+    with open(tmp_path / "run.out", "w") as out, open(tmp_path / "run.err", "w") as errf:  # files: a pipe could fill
+        proc = subprocess.Popen([sys.executable, "-m", "search.cli", "run", "--space", str(tmp_path / "space.yaml"),
+                                 "--out", str(tmp_path / "results"), "--name", "r", "--storage", storage],
+                                cwd=ROOT, env=env, stdout=out, stderr=errf)
     try:
         live = results / "trials.csv"
         while not (live.is_file() and len(read_trials(live)) >= 2):
