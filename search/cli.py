@@ -72,6 +72,9 @@ def run(
     spec = load_space(space)  # the space and the data path are checked before Ray and torch are imported
     if data is not None and data != "synthetic" and not Path(data).exists():
         raise _user_error(f"data path {data} does not exist")
+    from search.durable import check_storage
+
+    check_storage(storage)  # before Ray starts: an unusable --storage is one line
     from search.sweep import run_sweep
 
     run_name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"

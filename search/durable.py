@@ -25,6 +25,9 @@ from typing import Callable, Iterator
 from search.rundir import SweepError
 
 REPORT_SKIP = {"data", "tune"}  # not copied to --storage with the report files
+# where an S3-compatible endpoint (MinIO, Ceph, moto…) is named: handed to the Ray workers with the
+# job (runtime_env), as they must reach the same storage; credentials stay with each node's setup
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 class SweepInterrupted(SweepError):
@@ -41,6 +44,40 @@ def is_uri(path: str | None) -> bool:
     return bool(path) and "://" in str(path)
 
 
+def _join(uri: str, name: str) -> str:
+    """`uri`/`name`, keeping a query (`s3://bucket/prefix?endpoint_override=…`) at the end."""
+    base, sep, query = uri.partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def check_storage(storage: str | None) -> None:
+    """Before any work: a `--storage` URI must name a filesystem pyarrow (Ray's storage layer)
+    knows, be reachable with the credentials and endpoint in the environment (AWS_ENDPOINT_URL…),
+    and, for a bucket, the bucket must exist. One line (SweepError) otherwise."""
+    if not is_uri(storage):
+        return
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(storage)
+        bucket = path.split("/", 1)[0]
+        info = fs.get_file_info(bucket if isinstance(fs, pafs.S3FileSystem) else path)
+    except (OSError, pa.ArrowException, ValueError) as e:
+        reason = " ".join(str(e).split())  # pyarrow's messages span lines
+        raise SweepError(f"--storage {storage}: not usable ({reason[:300]})") from None
+    if isinstance(fs, pafs.S3FileSystem) and info.type == pafs.FileType.NotFound:
+        raise SweepError(f"--storage {storage}: bucket {bucket!r} does not exist at "
+                         f"{_endpoint()}; create it first")
+
+
+def _endpoint() -> str:
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return f"{os.environ[var]} ({var})"
+    return "the default AWS endpoint"
+
+
 def tune_location(results: Path, storage: str | None) -> tuple[str, str]:
     """(storage_path, name) for Tune's RunConfig: `RESULTS/tune`, or `STORAGE/<sweep name>/tune`.
 
@@ -48,13 +85,13 @@ def tune_location(results: Path, storage: str | None) -> tuple[str, str]:
     if not storage:
         return str(results), "tune"
     if is_uri(storage):
-        return f"{storage.rstrip('/')}/{results.name}", "tune"
+        return _join(storage, results.name), "tune"
     return str(Path(storage).expanduser().resolve() / results.name), "tune"
 
 
 def experiment_path(results: Path, storage: str | None) -> str:
     root, name = tune_location(results, storage)
-    return f"{root}/{name}"
+    return _join(root, name) if is_uri(root) else f"{root}/{name}"
 
 
 def publish_results(results: Path, storage: str | None, log: Callable[[str], None] = print) -> str | None:
@@ -110,7 +147,7 @@ def graceful_stop() -> Iterator[SimpleNamespace]:
     forwarded to it. Before that, or on a second SIGTERM, it raises KeyboardInterrupt."""
     state = SimpleNamespace(requested=False)
 
-    def on_sigterm(signum, frame):  # noqa: ANN001 - signal handler signature
+    def on_sigterm(signum, frame):
         tune_handler = signal.getsignal(signal.SIGUSR1)
         if state.requested or not callable(tune_handler):
             state.requested = True

@@ -23,7 +23,9 @@ from search.callbacks.live import LiveTrials
 from search.callbacks.progress import ProgressLine
 from search.callbacks.trackers import tracker_callbacks
 from search.durable import (
+    STORAGE_ENV,
     SweepInterrupted,
+    check_storage,
     experiment_path,
     graceful_stop,
     is_uri,
@@ -143,7 +145,7 @@ def start_ray(address: str | None, log: Callable[[str], None]) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "CXRTUNE_ALLOW_DOWNLOAD",
-                                      "CXRTUNE_EPOCH_DELAY_S") if k in os.environ}
+                                      "CXRTUNE_EPOCH_DELAY_S", *STORAGE_ENV) if k in os.environ}
     # Tune starts one trial at a time with a searcher unless more may be pending
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(2, int(os.cpu_count() or 2))))
     # checkpoints are a few hundred kB of head weights: Tune's snapshot warning is noise here
@@ -166,6 +168,7 @@ def run_sweep(spec: SweepSpec, *, space_file: Path | None = None, data: str | No
     t_start = time.time()
     results = results_dir_for(out, name or spec.name, log)
     check_weights(spec, log)
+    check_storage(storage)  # an unknown scheme, an unreachable endpoint, a missing bucket: one line, now
     # trackers are checked (MLflow installed, URI usable) before any work
     trackers = tracker_callbacks(mlflow, tensorboard, experiment=results.name,
                                  tags={"cxrtune.results": str(results), "cxrtune.space": str(space_file)})
@@ -221,7 +224,7 @@ def write_record(results: Path, spec: SweepSpec, space_file: Path | None, data_f
          "space_file": str(Path(space_file).resolve()) if space_file else None,
          "data": str(dataset.root) if dataset is not None else None,
          "data_format": data_format, "data_hash": data_hash, "storage": storage,
-         "tune_path": "/".join(tune_location(results, storage)), "confounding": confounding or []},
+         "tune_path": experiment_path(results, storage), "confounding": confounding or []},
         indent=2))
 
 
@@ -256,6 +259,7 @@ def resume_sweep(results: str | Path, *, address: str | None = None,
     spec = SweepSpec.model_validate(record["spec"])
     storage = record.get("storage")
     path = record.get("tune_path") or experiment_path(results, storage)
+    check_storage(storage)
     if not tune.Tuner.can_restore(path):
         raise SweepError(f"nothing to resume at {path}: the sweep stopped before Tune saved its state; "
                          f"start it again with `cxrtune run --out {results.parent} --name {results.name}` "
