@@ -81,6 +81,7 @@ def cli(*args: str, env: dict[str, str], timeout: int = 400) -> subprocess.Compl
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
+@pytest.mark.slow  # a real sweep through the S3 server (~70 s on 2 cores): `python -m pytest -m slow`
 def test_sweep_keeps_experiment_and_report_in_the_bucket(tmp_path: Path, s3_env: dict[str, str]) -> None:
     (tmp_path / "space.yaml").write_text(SPACE)
     env = {**ENV, "CXRTUNE_EPOCH_DELAY_S": "0", "CXRTUNE_CACHE_DIR": str(tmp_path / "cache"), **s3_env}
