@@ -46,6 +46,7 @@ from trainable.atomic import atomic_write_text
 from trainable.cam.lung_segment import check_lung_masks, pspnet_weights
 from trainable.data.confounding import confounding_report
 from trainable.data.dataset import Dataset, load_dataset
+from trainable.data.duplicates import fold_groups
 from trainable.data.folds import patient_folds
 from trainable.data.holdout import Holdout
 from trainable.data.phantom import synthesize
@@ -185,7 +186,7 @@ def run_sweep(spec: SweepSpec, *, space_file: Path | None = None, data: str | No
     full, split = dataset, search_split(spec, dataset, log)
     dataset = split.search
     # the folds are checked here, before decoding and before Ray starts
-    patient_folds(dataset.labels, dataset.patients, dataset.classes, spec.folds, spec.seed)
+    patient_folds(dataset.labels, fold_groups(dataset), dataset.classes, spec.folds, spec.seed)
     if spec.group_column in dataset.table:
         check_metric_defined(spec.objective.metric, dataset.labels, group_values(dataset, spec.group_column),
                              dataset.classes, spec.min_cell, spec.group_column)

@@ -17,6 +17,7 @@ import ray
 from trainable.cache import FeatureStore, cache_root, cached_features, decoded_images
 from trainable.cam.lung_segment import choose_lung_masks
 from trainable.data.dataset import Dataset
+from trainable.data.duplicates import fold_groups
 from trainable.data.folds import patient_folds
 from trainable.data.images import mask_geometry
 from trainable.data.lungs import lung_atlas
@@ -62,7 +63,7 @@ def shared_arrays(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
     No Ray: the driver runs it before Ray starts, so a file that cannot be decoded stops a sweep
     before any cluster work (a DataError naming the file)."""
     keys = sorted(set(keys), key=str)
-    folds = patient_folds(dataset.labels, dataset.patients, dataset.classes, settings.folds, settings.seed)
+    folds = patient_folds(dataset.labels, fold_groups(dataset), dataset.classes, settings.folds, settings.seed)
     t0 = time.perf_counter()
     root = cache_root(settings.cache_dir)
     decoded = decoded_images(dataset, settings.base_size, root, progress)
@@ -81,7 +82,7 @@ def shared_arrays(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
                   ids=ids, paths=dataset.table["path"].tolist(), folds=folds,
                   lung_masks=lung, mask_source=mask_source,
                   groups=group_values(dataset, settings.group_column),
-                  patients=np.asarray(dataset.patients).astype(str),
+                  patients=fold_groups(dataset),  # duplicates merged: the inner split keeps pairs together
                   data_hash=dataset.content_hash())
     timings = {"decode_s": t_decode, "decode_cache_hit": float(decoded.hit)}
     return SharedArrays(images, FeatureStore(root, decoded.digest), fields | {"timings": timings})

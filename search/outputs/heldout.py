@@ -11,6 +11,7 @@ leaderboard.md and `summary.json["heldout"]`; report.html shows it (`section_hel
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,9 @@ from search.report.heldout_section import ROLES, heldout_markdown
 from search.rundir import SweepError, load_sweep, sweep_dataset
 from search.space import SweepSpec
 from trainable.atomic import atomic_write_text
+from trainable.cache import cache_root
 from trainable.data.dataset import Dataset
+from trainable.data.duplicates import merge_duplicates
 from trainable.data.holdout import Holdout, split_holdout
 from trainable.train.groups import cell_key, group_metrics
 
@@ -29,7 +32,13 @@ from trainable.train.groups import cell_key, group_metrics
 def search_split(spec: SweepSpec, dataset: Dataset, log: Callable[[str], None] = lambda m: None) -> Holdout:
     """Split `dataset` as the space file says (`holdout`, `seed`, stratified by label and
     `group_column`); every class keeps at least `folds` patients for the search."""
-    split = split_holdout(dataset, spec.holdout, spec.seed, spec.group_column, min_search_patients=spec.folds)
+    t0 = time.perf_counter()
+    # duplicates across patients (`cxrtune data check`'s hashes) join one group for folds and holdout
+    dataset, merged = merge_duplicates(dataset, cache=cache_root(spec.settings().cache_dir))
+    log(f"duplicate images across patients: {len(merged)} group(s) of patients merged for folds and the "
+        f"held-out split ({sum(map(len, merged))} patients; {time.perf_counter() - t0:.1f}s)")
+    split = split_holdout(dataset, spec.holdout, spec.seed, spec.group_column, min_search_patients=spec.folds,
+                          merged=tuple(tuple(m) for m in merged))
     if split.heldout is not None:
         rec = split.record()
         log(f"held-out test split (holdout {spec.holdout}, seed {spec.seed}): {rec['heldout']['patients']} "

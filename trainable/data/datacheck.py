@@ -287,7 +287,7 @@ def _some(items: list[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (f", … {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _near_pairs(hashes: np.ndarray, near_bits: int, chunk: int = 64) -> list[tuple[int, int]]:
+def near_pairs(hashes: np.ndarray, near_bits: int, chunk: int = 64) -> list[tuple[int, int]]:
     """(i, j), i < j, whose hashes differ in at most `near_bits` bits."""
     packed = np.packbits(hashes, axis=1).view(np.uint64)       # (n, bits/64)
     pairs = []
@@ -299,7 +299,7 @@ def _near_pairs(hashes: np.ndarray, near_bits: int, chunk: int = 64) -> list[tup
     return pairs
 
 
-def _groups(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
+def union_groups(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
     parent = list(range(n))
 
     def find(a: int) -> int:
@@ -330,8 +330,8 @@ def _duplicates(table: pd.DataFrame, images: list[_Image], near_bits: int, summa
         else:
             first[images[k].pixels] = k
     hashes = np.stack([images[k].dhash for k in ok])
-    near = [(ok[a], ok[b]) for a, b in _near_pairs(hashes, near_bits)]
-    groups = _groups(len(images), exact_pairs + near)
+    near = [(ok[a], ok[b]) for a, b in near_pairs(hashes, near_bits)]
+    groups = union_groups(len(images), exact_pairs + near)
     ids, patients, labels = (table[c].astype(str).to_numpy() for c in ("id", "patient_id", "label"))
     found = []
     for g in groups:

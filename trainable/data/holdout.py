@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainable.data.dataset import Dataset
+from trainable.data.duplicates import fold_groups
 from trainable.errors import DataError
 
 
@@ -29,6 +30,7 @@ class Holdout:
     fraction: float
     seed: int
     group_column: str | None         # the column the split was also stratified by (None: label only)
+    merged: tuple[tuple[str, ...], ...] = ()  # patient groups linked by duplicate images (kept on one side)
 
     @property
     def heldout_patients(self) -> list[str]:
@@ -46,18 +48,21 @@ class Holdout:
                 "search": {"images": len(self.search), "patients": len(set(self.search.patients.tolist()))},
                 "heldout": {"images": 0 if h is None else len(h), "patients": len(self.heldout_patients),
                             "per_class": per_class},
+                "duplicate_groups_merged": len(self.merged), "merged_patients": [list(m) for m in self.merged],
                 "patient_ids": self.heldout_patients,
                 "image_ids": [] if h is None else sorted(h.table["id"].astype(str).tolist())}
 
 
 def _patient_labels(dataset: Dataset) -> dict[str, str]:
-    """Each patient's stratum: their most frequent label as the data writes it (ties: the first in
-    sorted order). The data's labels, not the task's classes, so every task over the same data and
-    seed holds out the same patients (and shares the search part's feature cache)."""
+    """Each unit's (patient's, or merged duplicate group's: `fold_groups`) stratum: its most frequent
+    label as the data writes it (ties: the first in sorted order). The data's labels, not the task's
+    classes, so every task over the same data and seed holds out the same patients (and shares the
+    search part's feature cache)."""
     out: dict[str, str] = {}
     labels = dataset.table["label"].astype(str).to_numpy()
-    for p in dict.fromkeys(dataset.patients.tolist()):
-        values, counts = np.unique(labels[dataset.patients == p], return_counts=True)
+    units = fold_groups(dataset)
+    for p in dict.fromkeys(units.tolist()):
+        values, counts = np.unique(labels[units == p], return_counts=True)
         out[p] = str(values[counts.argmax()])
     return out
 
@@ -75,9 +80,10 @@ def heldout_patients(dataset: Dataset, fraction: float, seed: int, group_column:
         raise DataError(f"{field}: {fraction} must be in [0, 1) (a fraction of the patients; 0 = none)")
     if fraction == 0:
         return set()
+    units = fold_groups(dataset)  # a merged duplicate group is held out (or searched) as one
     group_of: dict[str, str] = {}
     if group_column and group_column in dataset.table:
-        for p, g in zip(dataset.patients.tolist(), dataset.table[group_column].astype(str).tolist()):
+        for p, g in zip(units.tolist(), dataset.table[group_column].astype(str).tolist()):
             group_of.setdefault(p, g)
     by_label: dict[str, list[str]] = {}
     for p, lab in _patient_labels(dataset).items():
@@ -96,18 +102,19 @@ def heldout_patients(dataset: Dataset, fraction: float, seed: int, group_column:
         if not take:  # a small label still gets one held-out patient
             take = [patients[int(u * n)]]
         chosen.update(take)
-    return chosen
+    return set(np.asarray(dataset.patients).astype(str)[np.isin(units, list(chosen))].tolist())
 
 
 def split_holdout(dataset: Dataset, fraction: float, seed: int, group_column: str | None = "source",
-                  min_search_patients: int = 2, field: str = "holdout") -> Holdout:
+                  min_search_patients: int = 2, field: str = "holdout",
+                  merged: tuple[tuple[str, ...], ...] = ()) -> Holdout:
     """Split `dataset` by patient into the search part and the held-out part.
 
     `min_search_patients`: every class must keep at least this many patients for the search
     (the number of folds); otherwise a DataError names `field`, the value and the rule."""
     held = heldout_patients(dataset, fraction, seed, group_column, field)
     if not held:
-        return Holdout(dataset, None, fraction, seed, group_column)
+        return Holdout(dataset, None, fraction, seed, group_column, merged)
     is_held = np.isin(dataset.patients, list(held))
     search, heldout = _subset(dataset, ~is_held), _subset(dataset, is_held)
     overlap = set(search.patients.tolist()) & set(heldout.patients.tolist())
@@ -119,7 +126,7 @@ def split_holdout(dataset: Dataset, fraction: float, seed: int, group_column: st
             raise DataError(f"{field}: {fraction} leaves class {name!r} {left} patient(s) for the search, "
                             f"but folds={min_search_patients} needs at least {min_search_patients}; "
                             f"lower {field} or folds")
-    return Holdout(search, heldout, fraction, seed, group_column if group_column in dataset.table else None)
+    return Holdout(search, heldout, fraction, seed, group_column if group_column in dataset.table else None, merged)
 
 
 def _subset(dataset: Dataset, keep: np.ndarray) -> Dataset:
