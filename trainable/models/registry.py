@@ -21,47 +21,16 @@ Example::
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from typing import Any
+
+from trainable.models.spec import BackboneSpec, UnknownBackboneError
+
+__all__ = ["BackboneSpec", "UnknownBackboneError", "available_backbones", "get_spec", "registry_spec"]
 
 BOTH_PAPERS = "Balvinsson et al.; Santos et al."
 SANTOS = "Santos et al."
 CPU_FRIENDLY = "cpu-friendly"
 CHEST_XRAY = "chest-xray"
-
-
-class UnknownBackboneError(ValueError):
-    """A backbone name that is not in the registry."""
-
-
-@dataclasses.dataclass(frozen=True)
-class BackboneSpec:
-    """One registry entry.
-
-    source: "timm" or "torchxrayvision"; arch: the timm architecture, or the
-    torchxrayvision weights key (e.g. "densenet121-res224-all"); tag: the timm pretrained
-    tag (``a1_in1k``; "" for torchxrayvision and for timm models without weights); target_layer: dotted
-    module name inside the built ``model`` whose output equals ``model(x)``;
-    min_input_size: the smallest square input the architecture accepts (used by tests).
-    """
-
-    name: str
-    source: str
-    arch: str
-    target_layer: str
-    paper: str
-    note: str = ""
-    min_input_size: int = 64
-    aliases: tuple[str, ...] = ()
-    tag: str = ""
-
-    @property
-    def timm_name(self) -> str | None:
-        """The exact timm name, ``arch.tag`` (what timm.create_model is given); None for torchxrayvision."""
-        if self.source != "timm":
-            return None
-        return f"{self.arch}.{self.tag}" if self.tag else self.arch
 
 
 def _timm(name: str, arch: str, tag: str, target: str, paper: str, note: str = "", **kw: Any) -> BackboneSpec:
@@ -118,6 +87,8 @@ _SPECS: tuple[BackboneSpec, ...] = (
 )
 _REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
 _ALIASES: dict[str, str] = {alias: spec.name for spec in _SPECS for alias in spec.aliases}
+# the registry entry of each timm architecture: a verbatim name on it keeps its vetted Grad-CAM layer
+_VETTED: tuple[BackboneSpec, ...] = tuple(spec for spec in _SPECS if spec.source == "timm")
 
 
 # Names refused with the reason: a name that would silently mean another network.
@@ -138,11 +109,6 @@ def registry_spec(name: str) -> BackboneSpec | None:
     return _REGISTRY.get(_ALIASES.get(name, name)) if isinstance(name, str) else None
 
 
-def registry_spec_of_arch(arch: str) -> BackboneSpec | None:
-    """The registry entry built on timm architecture ``arch`` (its vetted Grad-CAM layer), if any."""
-    return next((spec for spec in _SPECS if spec.source == "timm" and spec.arch == arch), None)
-
-
 def get_spec(name: str) -> BackboneSpec:
     """The spec of ``name``: a registry name or alias, else a verbatim timm name (``arch[.tag]``).
 
@@ -155,14 +121,7 @@ def get_spec(name: str) -> BackboneSpec:
         raise UnknownBackboneError(f"backbone must be a non-empty name (got {name!r})")
     if name in _REFUSED:
         raise UnknownBackboneError(f"backbone {name!r} is refused: {_REFUSED[name]}")
-    from trainable.models.timm_names import timm_spec  # imports timm (and torch): only for non-registry names
+    from trainable.models.timm_names import timm_spec  # imports timm and torch: only for non-registry names
 
-    return timm_spec(name)
+    return timm_spec(name, _VETTED, tuple(available_backbones()))
 
-
-def unknown_backbone_message(name: str, timm_names: list[str]) -> str:
-    """One line: the name is neither a registry name nor a timm model, with the closest names of both."""
-    close = difflib.get_close_matches(str(name), [*available_backbones(), *timm_names], n=4, cutoff=0.6)
-    hint = f" Did you mean {', '.join(map(repr, dict.fromkeys(close)))}?" if close else ""
-    return (f"unknown backbone {name!r}: neither a cxrtune alias nor a timm.list_models() name.{hint} "
-            f"(`cxrtune backbones` lists the aliases)")

@@ -13,51 +13,58 @@ the meta device (no memory, no weights, no network).
 
 Example::
 
-    >>> from trainable.models.timm_names import timm_spec
-    >>> s = timm_spec("resnet34")
+    >>> from trainable.models.registry import get_spec
+    >>> s = get_spec("resnet34")
     >>> s.timm_name, s.target_layer
     ('resnet34.a1_in1k', 'body.layer4')
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 
 import torch
 from torch import nn
 
-from trainable.models.registry import (
-    BackboneSpec,
-    UnknownBackboneError,
-    registry_spec_of_arch,
-    unknown_backbone_message,
-)
+from trainable.models.spec import BackboneSpec, UnknownBackboneError
 
 _TRY_SIZES = (64, 75, 96, 128, 224)  # the smallest that runs becomes min_input_size
 
 
 @functools.lru_cache(maxsize=None)
-def timm_spec(name: str) -> BackboneSpec:
-    """The spec of timm model ``name`` (``arch`` or ``arch.tag``); UnknownBackboneError if timm lacks it."""
+def timm_spec(name: str, vetted: tuple[BackboneSpec, ...] = (), aliases: tuple[str, ...] = ()) -> BackboneSpec:
+    """The spec of timm model ``name`` (``arch`` or ``arch.tag``); UnknownBackboneError if timm lacks it.
+
+    vetted: registry entries whose architecture keeps their Grad-CAM layer; aliases: the registry's
+    names, suggested with timm's in the error. Call it through `registry.get_spec`."""
     import timm
 
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
-        raise UnknownBackboneError(unknown_backbone_message(name, timm.list_models()))
+        raise UnknownBackboneError(unknown_backbone_message(name, [*aliases, *timm.list_models()]))
     tags = [full.partition(".")[2] for full in timm.models.get_arch_pretrained_cfgs(arch)]
     if tag and tag not in tags:
         known = ", ".join(tags) or "none"
         raise UnknownBackboneError(f"backbone {name!r}: timm has no pretrained tag {tag!r} for {arch!r} "
                                    f"(its tags: {known})")
     tag = tag or _default_tag(arch)
-    vetted = registry_spec_of_arch(arch)
-    if vetted is not None:  # same module tree: keep the registry's layer and input size
-        return dataclasses.replace(vetted, name=name, tag=tag, aliases=(),
-                                   note=f"timm {arch}.{tag} verbatim (layer as registry entry {vetted.name!r})")
+    same = next((spec for spec in vetted if spec.arch == arch), None)
+    if same is not None:  # same module tree: keep the registry's layer and input size
+        return dataclasses.replace(same, name=name, tag=tag, aliases=(),
+                                   note=f"timm {arch}.{tag} verbatim (layer as registry entry {same.name!r})")
     target, min_size = _target_layer(arch, name)
     return BackboneSpec(name=name, source="timm", arch=arch, tag=tag, target_layer=target, paper="timm",
                         note=f"timm {arch}.{tag} verbatim; Grad-CAM layer from feature_info",
                         min_input_size=min_size)
+
+
+def unknown_backbone_message(name: str, known: list[str]) -> str:
+    """One line: the name is neither a registry name nor a timm model, with the closest known names."""
+    close = difflib.get_close_matches(str(name), known, n=4, cutoff=0.6)
+    hint = f" Did you mean {', '.join(map(repr, dict.fromkeys(close)))}?" if close else ""
+    return (f"unknown backbone {name!r}: neither a cxrtune alias nor a timm.list_models() name.{hint} "
+            f"(`cxrtune backbones` lists the aliases)")
 
 
 def _default_tag(arch: str) -> str:
