@@ -121,7 +121,8 @@ def get_spec(name: str) -> BackboneSpec:
         raise UnknownBackboneError(f"backbone must be a non-empty name (got {name!r})")
     if name in _REFUSED:
         raise UnknownBackboneError(f"backbone {name!r} is refused: {_REFUSED[name]}")
-    from trainable.models.timm_names import timm_spec  # imports timm and torch: only for non-registry names
+    # imports timm and torch: only for non-registry names
+    from trainable.models.timm_names import timm_spec
 
     return timm_spec(name, _VETTED, tuple(available_backbones()))
 

@@ -32,7 +32,7 @@ from trainable.models.spec import BackboneSpec, UnknownBackboneError
 _TRY_SIZES = (64, 75, 96, 128, 224)  # the smallest that runs becomes min_input_size
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def timm_spec(name: str, vetted: tuple[BackboneSpec, ...] = (), aliases: tuple[str, ...] = ()) -> BackboneSpec:
     """The spec of timm model ``name`` (``arch`` or ``arch.tag``); UnknownBackboneError if timm lacks it.
 
