@@ -111,7 +111,7 @@ def task_summary(results: Path, spec, wall_s: float, dest: Path) -> dict:
     import pandas as pd
 
     from search.outputs.heldout import score_model, search_split
-    from search.outputs.select import local_prepared, metric_best, trial_config
+    from search.outputs.select import local_prepared, metric_best, metric_peak, trial_config
     from search.rundir import load_record, read_history, read_trials, sweep_dataset
     from trainable.export import export_model
 
@@ -123,6 +123,10 @@ def task_summary(results: Path, spec, wall_s: float, dest: Path) -> dict:
     split = search_split(spec, sweep_dataset(saved, spec))
     metric = spec.objective.metric
     mb = metric_best(trials, metric)
+    # metric-best is chosen on its metric's own best epoch: its row and its exported model are that
+    # epoch's (history.csv), not the epoch where its objective peaked
+    peak = metric_peak(history, mb["trial_id"], metric)
+    mb_epoch = int(peak["epoch"]) if peak is not None else int(mb["best_epoch"])
     roles = {"metric-best": mb["trial_id"], "selected": selection["selected"],
              "objective-best": selection["objective_best"]}
     held = {"selected": test.get("selected"), "objective-best": test.get("best")}
@@ -134,7 +138,7 @@ def task_summary(results: Path, spec, wall_s: float, dest: Path) -> dict:
         metrics = {k.removeprefix("best_"): float(mb[k]) for k in mb.index
                    if k.startswith("best_") and k != "best_epoch" and pd.notna(mb[k])}
         prepared = local_prepared(results, spec, saved, [mb], print)
-        export_model(results / "metric_best", trial_config(mb, spec), prepared, int(mb["best_epoch"]),
+        export_model(results / "metric_best", trial_config(mb, spec), prepared, mb_epoch,
                      metrics | {"trial_id": mb["trial_id"]})
         held["metric-best"] = score_model(results / "metric_best", split, spec, print)
     classes = confusion[next(iter(confusion))]["classes"] if confusion else []
@@ -155,12 +159,22 @@ def task_summary(results: Path, spec, wall_s: float, dest: Path) -> dict:
             "worst_group_accuracy": r.get("best_worst_group_accuracy"),
             "adult_non_covid_recall": r.get(f"best_recall_{group}_{cell_class}"),
             "within_group_auc": r.get("best_within_group_auc"),
+            "epoch": int(r["best_epoch"]),
             "test_lung_mass": hm.get("lung_mass"), "test_edge_mass": hm.get("edge_mass"),
             "test_worst_group_accuracy": hm.get("worst_group_accuracy"),
             "test_adult_non_covid_recall": (h.get("group_recall") or {}).get(f"recall_{group}_{cell_class}"),
             "test_adult_non_covid_images": (h.get("group_cells") or {}).get(f"{group}|{cell_class}"),
             "test_within_group_auc": hm.get("within_group_auc"),
         }
+    if peak is not None:  # metric-best's CV figures at its metric's own best epoch
+        at_peak = {"cv_balanced_accuracy": "balanced_accuracy", "cv_auc": "auc", "lung_mass": "lung_mass",
+                   "edge_mass": "edge_mass", "lung_enrichment": "lung_enrichment",
+                   "worst_group_accuracy": "worst_group_accuracy", "within_group_auc": "within_group_auc",
+                   "adult_non_covid_recall": f"recall_{group}_{cell_class}"}
+        rows["metric-best"].update({k: _plain(peak[c]) for k, c in at_peak.items() if c in peak.index},
+                                   epoch=mb_epoch)
+        if mb_epoch != int(mb["best_epoch"]):  # confusion.json holds the objective-best epoch's matrix
+            rows["metric-best"]["cv_covid_recall"] = None
     ok = trials[trials["status"] == "TERMINATED"].copy()
     trial_wall = history.groupby("trial_id")["time_total_s"].max() if "time_total_s" in history else None
     per_backbone = {}
@@ -233,17 +247,18 @@ def summary_markdown(summary: dict) -> str:
                   f"{t['trials']} trials ({t['stopped_early']} stopped early by ASHA, {t['trials'] - t['finished']} "
                   f"failed), wall {t['wall_s'] / 60:.1f} min; search on {t['images']} images; held out "
                   f"(holdout {t['holdout']}): {h['patients']} patients / {h['images']} images, never seen by the "
-                  f"search. CV = 4-fold patient-grouped out-of-fold value at the trial's best epoch; test = the "
+                  f"search. CV = 4-fold patient-grouped out-of-fold value at the epoch shown (the trial's best "
+                  f"objective epoch; metric-best's: its metric's own best epoch); test = the "
                   f"held-out patients (model refit on all search images). Adult non-COVID cell: "
                   f"`{t['adult_non_covid_cell']}`.", "",
-                  "| model | trial | backbone | CV bal. acc. | CV AUC | CV COVID recall | test bal. acc. | test AUC "
+                  "| model | trial | backbone | epoch | CV bal. acc. | CV AUC | CV COVID recall | test bal. acc. | test AUC "
                   "| test COVID recall | lung_mass | edge_mass | lung_enrichment | worst_group_acc. "
                   "| adult non-COVID recall (CV / test) | within-group AUC (CV / test) |",
-                  "|---" * 15 + "|"]
+                  "|---" * 16 + "|"]
         for role, r in t["roles"].items():
             n = r.get("test_adult_non_covid_images")
             lines.append(
-                f"| {role} | {r['trial_id']} | {r['backbone']} | {_f(r['cv_balanced_accuracy'])} | {_f(r['cv_auc'])} "
+                f"| {role} | {r['trial_id']} | {r['backbone']} | {r.get('epoch', '—')} | {_f(r['cv_balanced_accuracy'])} | {_f(r['cv_auc'])} "
                 f"| {_f(r['cv_covid_recall'])} | {_f(r['test_balanced_accuracy'])} | {_f(r['test_auc'])} "
                 f"| {_f(r['test_covid_recall'])} | {_f(r['lung_mass'])} | {_f(r['edge_mass'])} "
                 f"| {_f(r['lung_enrichment'], '.2f')} | {_f(r['worst_group_accuracy'])} "

@@ -18,7 +18,7 @@ import pandas as pd
 from search.outputs.evidence import fold_heads, write_montage
 from search.objective import full_budget
 from search.outputs.heldout import search_dataset
-from search.rundir import SweepError, check_folds, load_sweep, sweep_dataset
+from search.rundir import SweepError, check_folds, load_sweep, read_history, sweep_dataset
 from search.space import SweepSpec
 from trainable.atomic import atomic_write_text
 from trainable.errors import CxrtuneError
@@ -31,6 +31,20 @@ from trainable.shared import Prepared
 def focus_column(trials: pd.DataFrame) -> str:
     """The column that measures focus: best_focus, or best_lung_mass in sweeps from before it existed."""
     return "best_focus" if "best_focus" in trials else "best_lung_mass"
+def _metric_best_record(row: pd.Series, history: pd.DataFrame, metric: str) -> dict[str, float | int]:
+    """Metric-best's figures at the epoch of its own best metric (what chose it), not at the epoch
+    its objective peaked; trials.csv's best_* values where history.csv is missing."""
+    peak = metric_peak(history, row["trial_id"], metric)
+    if peak is None:
+        return {"metric_best_metric": float(row[f"best_{metric}"]), "metric_best_epoch": int(row["best_epoch"]),
+                "metric_best_lung_mass": float(row["best_lung_mass"]),
+                "metric_best_edge_mass": float(row["best_edge_mass"]),
+                "metric_best_focus": float(row.get("best_focus", float("nan")))}
+    return {"metric_best_metric": float(peak[metric]), "metric_best_epoch": int(peak["epoch"]),
+            "metric_best_lung_mass": float(peak["lung_mass"]), "metric_best_edge_mass": float(peak["edge_mass"]),
+            "metric_best_focus": float(peak.get("focus", float("nan")))}
+
+
 class SelectionError(CxrtuneError, ValueError):
     """`within` or `metric` cannot select from this sweep."""
 
@@ -53,6 +67,15 @@ def metric_best(trials: pd.DataFrame, metric: str) -> pd.Series:
     ok = trials[full_budget(trials)]
     col = f"peak_{metric}" if f"peak_{metric}" in trials else f"best_{metric}"
     return ok.loc[ok[col].idxmax()]
+
+
+def metric_peak(history: pd.DataFrame, trial_id: str, metric: str) -> pd.Series | None:
+    """The history row (one epoch) where `trial_id` reached its highest `metric`: the epoch that
+    metric-best's figures come from (first epoch on ties). None when history.csv lacks it."""
+    rows = history[(history["trial_id"] == trial_id)]
+    if metric not in rows or rows[metric].notna().sum() == 0:
+        return None
+    return rows.loc[rows[metric].idxmax()]
 
 
 def local_prepared(results: Path, spec: SweepSpec, saved: dict, rows: list[pd.Series],
@@ -95,11 +118,8 @@ def export_selection(results: Path, within: float | None = None, metric: str | N
         "selected_metric": float(chosen[f"best_{metric}"]), "selected_lung_mass": float(chosen["best_lung_mass"]),
         "selected_edge_mass": float(chosen["best_edge_mass"]),
         "selected_focus": float(chosen.get("best_focus", float("nan"))),
-        "metric_best_focus": float(by_metric.get("best_focus", float("nan"))),
         "compared": "trials that ran every epoch (ASHA-stopped ones excluded)",
-        "metric_best_metric": float(by_metric[f"best_{metric}"]),
-        "metric_best_lung_mass": float(by_metric["best_lung_mass"]),
-        "metric_best_edge_mass": float(by_metric["best_edge_mass"])}, indent=2))
+        **_metric_best_record(by_metric, read_history(results), metric)}, indent=2))
     roles: dict[str, list[str]] = {}
     rows = {}
     for role, row in (("metric-best", by_metric), ("selected", chosen), ("objective-best", best)):

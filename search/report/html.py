@@ -166,6 +166,16 @@ def _searched(s: Sweep) -> list[str]:
     return [k for k in keys if k in s.trials]
 
 
+def _metric_cell(metric: str, r: dict, role: str) -> str:
+    """The card's metric at the trial's best (objective) epoch; metric-best, chosen on the metric's
+    own best over its epochs, shows that peak beside it, so the card says why it was chosen."""
+    cell = f'<dt>{_e(metric)}</dt><dd>{_num(r.get(f"best_{metric}"))}</dd>'
+    peak = r.get(f"peak_{metric}")
+    if role == "metric-best" and peak is not None and peak == peak:
+        cell += f'<dt>{_e(metric)} (its own best epoch)</dt><dd>{_num(peak)}</dd>'
+    return cell
+
+
 def _row_of(s: Sweep, tid: str) -> pd.Series | None:
     hit = s.trials[s.trials["trial_id"].astype(str) == str(tid)]
     return None if hit.empty else hit.iloc[0]
@@ -210,7 +220,7 @@ def section_summary(s: Sweep) -> str:
         who.append(
             f'<div class="role {role}"><h3>{_e(role)} <code>{_e(tid)}</code></h3>'
             f'<p class="why">{_e(explain[role])}{_same_as(s, role)}</p><dl>'
-            f'<dt>{_e(s.metric)}</dt><dd>{_num(r.get(f"best_{s.metric}"))}</dd>'
+            f'{_metric_cell(s.metric, r, role)}'
             f'<dt>focus</dt><dd>{_num(r.get("best_focus"))}</dd>'
             f'<dt>lung_mass</dt><dd>{_num(r.get("best_lung_mass"), ".1%")}</dd>'
             f'<dt>edge_mass</dt><dd>{_num(r.get("best_edge_mass"), ".1%")}</dd>'
