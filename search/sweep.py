@@ -352,6 +352,11 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, results: Path,
             callbacks=[ProgressLine(spec.num_samples, spec.total_epochs(), spec.objective.metric, log),
                        LiveTrials(results, spec.epochs),
                        *(tracker_callbacks() if callbacks is None else callbacks)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # the best epoch by the per-epoch `objective` plus the latest (Ray always keeps the latest:
+            # resume and the montages read it), so Result.get_best_checkpoint("objective", "max") is the
+            # best epoch. Not running_objective: it ties from the best epoch on, and Ray breaks ties
+            # towards the later checkpoint.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="objective",
+                                                    checkpoint_score_order="max"),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     )

@@ -27,6 +27,7 @@ from trainable.models.backbones import build_backbone
 from trainable.models.featureset import FeatureSet
 from trainable.models.head import Classifier, Head
 from trainable.models.registry import UnknownBackboneError, get_spec
+from trainable.progress import track
 from trainable.shared import Prepared, with_defaults
 from trainable.train.finetune import INNER_FRACTION, finetune_all
 from trainable.train.head_stage import cached_scoring, cam_term, new_fold_state, train_head_epoch, train_view
@@ -42,7 +43,7 @@ def refit_head(config: dict, prepared: Prepared, fs: FeatureSet, epochs: int) ->
     everything = np.arange(len(y))
     # the trial's Grad-CAM loss too (None when cam_loss is 0); its loss weights come from `balance`
     cam = cam_term(config, prepared, cached_scoring(config, prepared, fs)) if float(config["cam_loss"]) > 0 else None
-    for epoch in range(epochs):
+    for epoch in track(range(epochs), f"export refit: head on {len(y)} images"):
         v = train_view(epoch, len(pooled), prepared.settings.seed, 0)
         rows, views = (oversampled_rows(everything, y, v, len(pooled), epoch, prepared.settings.seed, 0)
                        if config["oversample"] else (everything, np.full(len(y), v)))

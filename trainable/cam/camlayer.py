@@ -30,6 +30,7 @@ from trainable.models.features import inference_batch_size
 from trainable.models.head import Classifier
 from trainable.models.loaders import random_feature_maps
 from trainable.models.registry import get_spec
+from trainable.progress import track
 
 FINAL = "final"   # the backbone's registry target layer: the fast path from cached maps
 
@@ -111,7 +112,8 @@ class LayerCam:
         model.eval()   # as pytorch-grad-cam does: no dropout in the explained head
         lung, edge_m = [], []
         try:
-            for s in range(0, len(images), self.batch_size):
+            for s in track(range(0, len(images), self.batch_size), f"Grad-CAM at {self.layer_name}",
+                           total=len(images), unit="images", step=lambda s: len(images[s:s + self.batch_size])):
                 sl = slice(s, s + self.batch_size)
                 x = to_model_input(geometry(images[sl], self.margin, self.input_size), pre.in_chans,
                                    pre.mean, pre.std)

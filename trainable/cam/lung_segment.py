@@ -129,9 +129,13 @@ def segment_lungs(images: np.ndarray, net: nn.Module, batch_size: int = 4,
     net = net.to(device)
     channels = lung_channels()
     out = np.zeros(images.shape, dtype=bool)
-    for start in range(0, len(images), batch_size):
-        x = _preprocess(images[start:start + batch_size]).to(device)
-        out[start:start + len(x)] = lung_mask_from_output(net(x), images.shape[-1], channels)
+    from trainable.progress import progress
+
+    with progress("PSPNet lung masks", len(images)) as advance:
+        for start in range(0, len(images), batch_size):
+            x = _preprocess(images[start:start + batch_size]).to(device)
+            out[start:start + len(x)] = lung_mask_from_output(net(x), images.shape[-1], channels)
+            advance(len(x))
     empty = int((~out.any(axis=(1, 2))).sum())
     if empty:
         log(f"warning: PSPNet found no lung in {empty} of {len(images)} image(s); their lung_mass is 0")

@@ -17,6 +17,7 @@ from trainable.data.images import geometry, to_model_input, view_params
 from trainable.models.backbones import Backbone, process_backbone
 from trainable.models.featureset import FeatureKey, FeatureSet
 from trainable.models.fold_bn import fold_batchnorm
+from trainable.progress import progress
 
 
 def inference_batch_size(device: torch.device | str | None = None) -> int:
@@ -65,13 +66,15 @@ def feature_maps(backbone: Backbone, images: np.ndarray, margin: float, input_si
 def _forward(model: torch.nn.Module, backbone: Backbone, images: np.ndarray, margin: float, input_size: int,
              params: np.ndarray | None, batch_size: int, device: torch.device) -> torch.Tensor:
     out = []
-    for start in range(0, len(images), batch_size):
-        sl = slice(start, start + batch_size)
-        x = geometry(images[sl], margin, input_size, None if params is None else params[sl])
-        pre = backbone.preprocessing
-        x = to_model_input(x, pre.in_chans, pre.mean, pre.std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-            out.append(model(x.to(device, non_blocking=True)).float().cpu())
+    with progress(f"features {backbone.name}", len(images)) as advance:
+        for start in range(0, len(images), batch_size):
+            sl = slice(start, start + batch_size)
+            x = geometry(images[sl], margin, input_size, None if params is None else params[sl])
+            pre = backbone.preprocessing
+            x = to_model_input(x, pre.in_chans, pre.mean, pre.std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+                out.append(model(x.to(device, non_blocking=True)).float().cpu())
+            advance(len(x))
     return torch.cat(out)
 
 

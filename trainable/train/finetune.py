@@ -210,7 +210,10 @@ def train_ft_epoch(model: Classifier, optimizer: torch.optim.Optimizer, generato
     train_mode(model, config["ft_bn"])
     order = torch.randperm(len(rows), generator=generator).numpy()
     bs, total = int(config["batch_size"]), 0.0
-    for s in range(0, len(rows), bs):
+    from trainable.progress import track
+
+    for s in track(range(0, len(rows), bs), "fine-tuning epoch", total=len(rows), unit="images",
+                   step=lambda s: len(order[s:s + bs])):
         b = order[s:s + bs]
         dev = next(model.parameters()).device
         x = model_input(images[rows[b]], pre, float(config["crop_margin"]), input_size, params[b]).to(dev)
@@ -374,7 +377,9 @@ def finetune_all(config: dict, prepared: Prepared, fs: FeatureSet, head: Head, n
     y = np.asarray(prepared.labels)
     ff = new_ft_fold(config, fs, head, s.seed + 1000)
     fit, stop = inner_split(np.arange(len(y)), y, prepared.patients, s.seed, 999)  # 999: not a CV fold
-    for j in range(n_epochs):
+    from trainable.progress import track
+
+    for j in track(range(n_epochs), f"export refit: fine-tuning on {len(fit)} images"):
         rows, params = _epoch_rows(config, fit, y, s.seed, 999, j)
         weight = class_weights(y[rows], len(prepared.classes)) if balance_mode(config) != "none" else None
         loss = train_ft_epoch(ff.model, ff.optimizer, ff.generator, images, rows, y, config, fs.preprocessing,
