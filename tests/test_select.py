@@ -47,7 +47,7 @@ def test_asha_stopped_trials_are_not_compared_and_metric_best_is_the_metrics_own
 def test_metric_best_is_reported_at_its_metrics_own_best_epoch() -> None:
     """selection.json and the benchmark give metric-best's figures at the epoch where its metric
     peaked (what chose it), not where its objective peaked."""
-    from search.outputs.select import _metric_best_record, metric_peak
+    from search.outputs.select import metric_best_record, metric_peak
 
     history = pd.DataFrame({"trial_id": ["b"] * 3 + ["a"], "epoch": [1, 2, 3, 1],
                             "auc": [0.96, 0.985, 0.97, 0.98], "lung_mass": [0.6, 0.4, 0.5, 0.3],
@@ -55,9 +55,9 @@ def test_metric_best_is_reported_at_its_metrics_own_best_epoch() -> None:
     row = pd.Series({"trial_id": "b", "best_epoch": 1, "best_auc": 0.96, "best_lung_mass": 0.6,
                      "best_edge_mass": 0.1, "best_focus": 0.5})
     assert metric_peak(history, "b", "auc")["epoch"] == 2
-    assert _metric_best_record(row, history, "auc") == {
+    assert metric_best_record(row, history, "auc") == {
         "metric_best_metric": 0.985, "metric_best_epoch": 2, "metric_best_lung_mass": 0.4,
         "metric_best_edge_mass": 0.3, "metric_best_focus": 0.2}
     # a sweep without history.csv falls back to trials.csv's best-epoch values
     empty = pd.DataFrame(columns=["trial_id", "epoch", "objective"])
-    assert _metric_best_record(row, empty, "auc")["metric_best_epoch"] == 1
+    assert metric_best_record(row, empty, "auc")["metric_best_epoch"] == 1

@@ -31,7 +31,7 @@ from trainable.shared import Prepared
 def focus_column(trials: pd.DataFrame) -> str:
     """The column that measures focus: best_focus, or best_lung_mass in sweeps from before it existed."""
     return "best_focus" if "best_focus" in trials else "best_lung_mass"
-def _metric_best_record(row: pd.Series, history: pd.DataFrame, metric: str) -> dict[str, float | int]:
+def metric_best_record(row: pd.Series, history: pd.DataFrame, metric: str) -> dict[str, float | int]:
     """Metric-best's figures at the epoch of its own best metric (what chose it), not at the epoch
     its objective peaked; trials.csv's best_* values where history.csv is missing."""
     peak = metric_peak(history, row["trial_id"], metric)
@@ -119,7 +119,7 @@ def export_selection(results: Path, within: float | None = None, metric: str | N
         "selected_edge_mass": float(chosen["best_edge_mass"]),
         "selected_focus": float(chosen.get("best_focus", float("nan"))),
         "compared": "trials that ran every epoch (ASHA-stopped ones excluded)",
-        **_metric_best_record(by_metric, read_history(results), metric)}, indent=2))
+        **metric_best_record(by_metric, read_history(results), metric)}, indent=2))
     roles: dict[str, list[str]] = {}
     rows = {}
     for role, row in (("metric-best", by_metric), ("selected", chosen), ("objective-best", best)):
