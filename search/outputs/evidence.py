@@ -28,14 +28,28 @@ from trainable.train.lockstep import cam_targets  # noqa: E402
 
 
 def fold_heads(results: Path, trial_id: str) -> list[dict]:
-    """The per-fold state dicts of a trial's latest checkpoint: each fold's head, or its whole
-    fine-tuned model (keys `backbone.*`, `head.*`) when the trial reached the fine-tuning stage."""
+    """The per-fold state dicts of a trial's best-epoch checkpoint (the sweep keeps it beside the
+    latest: search/sweep.py's CheckpointConfig): each fold's head, or its whole fine-tuned model
+    (keys `backbone.*`, `head.*`) when the trial reached the fine-tuning stage."""
+    return fold_models(best_checkpoint(results, trial_id))
+
+
+def best_checkpoint(results: Path, trial_id: str) -> dict:
+    """The kept checkpoint whose last epoch has the highest objective (the earliest of equal ones,
+    as trials.csv's best_epoch takes it), read."""
     dirs = sorted((results / "tune").glob(f"*_{trial_id}_*"))
     ckpts = sorted((c for d in dirs for c in d.glob("checkpoint_*")), key=lambda p: p.name)
     if not ckpts:
         raise FileNotFoundError(f"no checkpoint of trial {trial_id} under {results / 'tune'}")
+    states = [read_checkpoint(c) for c in ckpts]
     # after fine-tuning, the heads alone would explain the ImageNet maps: fold_models gives the whole models
-    return fold_models(read_checkpoint(ckpts[-1]))
+    return max(enumerate(states), key=lambda i_s: (_last_objective(i_s[1]), -i_s[0]))[1]
+
+
+def _last_objective(state: dict) -> float:
+    history = state.get("history") or []
+    value = history[-1].get("objective") if history else None
+    return float(value) if value is not None and value == value else float("-inf")
 
 
 def _finetuned(states: list[dict]) -> bool:
