@@ -23,6 +23,9 @@ from trainable.data.dataset import Dataset, load_dataset
 from trainable.errors import CxrtuneError
 
 FOLDS_FILE = "folds.csv"
+# the layout of trials.csv / history.csv (docs/columns.md), written into summary.json: raised when a
+# column is renamed or removed or changes meaning
+SCHEMA_VERSION = 1
 _IDS = {"trial_id": str}  # hex trial ids such as 12e45678 must not turn into numbers
 
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from ray import tune
 
 from search.objective import full_budget
-from search.rundir import SweepError
+from search.rundir import SCHEMA_VERSION, SweepError
 from search.searcher import front_note, order_trials
 from trainable.atomic import atomic_write_bytes, atomic_write_text
 from trainable.data.dataset import Dataset
@@ -162,6 +162,7 @@ def write_results(results: Path, spec, space_file: Path, dataset: Dataset, prepa
     export_model(results / "best", config, prepared, int(best["best_epoch"]),
                  metrics | {"trial_id": best.trial_id})
     summary = {
+        "schema_version": SCHEMA_VERSION,  # of trials.csv / history.csv: docs/columns.md
         "name": results.name, "space_file": str(space_file) if space_file else None, "wall_s": round(wall_s, 1),
         "trials": len(df), "finished": int(len(ok)), "stopped_early": int(ok["stopped_early"].sum()),
         "failed": int((df["status"] != "TERMINATED").sum()), "best_trial": best.trial_id,
