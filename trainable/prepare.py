@@ -81,6 +81,7 @@ def shared_arrays(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
     fields = dict(settings=settings, classes=dataset.classes, labels=dataset.labels,
                   ids=ids, paths=dataset.table["path"].tolist(), folds=folds,
                   lung_masks=lung, mask_source=mask_source,
+                  base_masks=np.packbits(np.asarray(masks, bool), axis=-1),  # 1 bit a pixel
                   groups=group_values(dataset, settings.group_column),
                   patients=fold_groups(dataset),  # duplicates merged: the inner split keeps pairs together
                   data_hash=dataset.content_hash())

@@ -88,6 +88,9 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
     images: object = None                      # ObjectRef[uint8 (N, S, S)] (or the array): for the full path
     patients: np.ndarray | None = None         # per image: its patient id (fine-tuning's inner split)
+    # the lung masks at base size before any crop, bit-packed along the last axis (np.packbits):
+    # the fine-tuning stage's Grad-CAM loss warps them like each augmented view it trains on
+    base_masks: np.ndarray | None = None       # uint8 (N, S, ceil(S / 8))
 
     def feature_set(self, key: FeatureKey) -> FeatureSet:
         value = self.features[str(key)]

@@ -138,9 +138,14 @@ def to_model_input(x: torch.Tensor, in_chans: int, mean: tuple[float, ...], std:
         std, dtype=x.dtype).view(1, -1, 1, 1)
 
 
-def mask_geometry(masks: np.ndarray, margin: float, input_size: int) -> np.ndarray:
-    """Lung masks through exactly the image's crop/resize: bool (N, input, input)."""
+def mask_geometry(masks: np.ndarray, margin: float, input_size: int,
+                  params: np.ndarray | None = None) -> np.ndarray:
+    """Lung masks through exactly the image's geometry: bool (N, input, input). `params`: the
+    augmentation of each image (`view_params` rows), applied to its mask as `geometry` applies it
+    to the image (the fine-tuning stage's Grad-CAM loss needs the mask of the view it trains on)."""
     x = torch.from_numpy(masks.astype(np.float32)).unsqueeze(1)
+    if params is not None:
+        x = apply_affine(x, params)
     return (crop_resize(x, margin, input_size)[:, 0] >= 0.5).numpy()
 
 

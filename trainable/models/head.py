@@ -39,6 +39,16 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
+def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
+                           sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of a batch with class weights `weight`, or per-sample weights `sample_weight`
+    (the batch loss is their weighted mean; `trainable.train.balance`)."""
+    if sample_weight is None:
+        return nn.functional.cross_entropy(logits, y, weight=weight)
+    sw = sample_weight.to(logits.dtype)
+    return (nn.functional.cross_entropy(logits, y, reduction="none") * sw).sum() / sw.sum()
+
+
 def train_one_epoch(head: Head, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                     batch_size: int, generator: torch.Generator, weight: torch.Tensor | None,
                     sample_weight: torch.Tensor | None = None,
@@ -54,11 +64,8 @@ def train_one_epoch(head: Head, optimizer: torch.optim.Optimizer, x: torch.Tenso
     for s in range(0, len(x), batch_size):
         idx = order[s:s + batch_size]
         optimizer.zero_grad(set_to_none=True)
-        if sample_weight is None:
-            loss = nn.functional.cross_entropy(head(x[idx]), y[idx], weight=weight)
-        else:
-            sw = sample_weight[idx]
-            loss = (nn.functional.cross_entropy(head(x[idx]), y[idx], reduction="none") * sw).sum() / sw.sum()
+        loss = weighted_cross_entropy(head(x[idx]), y[idx], weight,
+                                      None if sample_weight is None else sample_weight[idx])
         if penalty is not None:
             loss = loss + penalty(idx)
         loss.backward()

@@ -15,10 +15,15 @@ written before the key behave as they did. Weights are computed on the epoch's r
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from trainable.models.head import class_weights
+
+if TYPE_CHECKING:
+    from trainable.shared import Prepared
 
 BALANCE_MODES = ("none", "class", "group")
 
@@ -59,3 +64,13 @@ def loss_weights(config: dict, y: np.ndarray, groups: np.ndarray | None, n_class
             raise ValueError("balance: group needs a group per image (Prepared.groups is None)")
         return None, torch.tensor(group_weights(y, groups, min_cell), dtype=torch.float32)
     return None, None
+
+
+def epoch_loss_weights(config: dict, prepared: Prepared, rows: np.ndarray
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`loss_weights` of the images `rows` of an epoch (repeats counted: oversampling), with their
+    labels and groups from `prepared`: what the head stage, fine-tuning and both export refits use.
+    The per-sample weights, when there are, are aligned with `rows`."""
+    y = np.asarray(prepared.labels)
+    groups = None if prepared.groups is None else np.asarray(prepared.groups)[rows]
+    return loss_weights(config, y[rows], groups, len(prepared.classes), prepared.settings.min_cell)

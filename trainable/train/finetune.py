@@ -52,10 +52,11 @@ from trainable.data.images import geometry, to_model_input, view_params
 from trainable.models.backbones import build_backbone, process_backbone
 from trainable.models.features import inference_batch_size
 from trainable.models.featureset import FeatureSet
-from trainable.models.head import Classifier, Head, class_weights
+from trainable.models.head import Classifier, Head
 from trainable.shared import Prepared
-from trainable.train.balance import balance_mode
+from trainable.train.balance import epoch_loss_weights
 from trainable.train.checkpoint import restore_ft
+from trainable.train.ft_levers import LiveCam, ft_batch_loss, live_cam
 from trainable.train.head_stage import FoldState
 from trainable.train.lockstep import FoldResult, cam_targets, fold_result, run_lockstep
 from trainable.train.oversample import oversampled_indices
@@ -205,21 +206,28 @@ def fold_model(config: dict, num_features: int, n_classes: int, state: dict) -> 
 
 def train_ft_epoch(model: Classifier, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                    images: np.ndarray, rows: np.ndarray, y: np.ndarray, config: dict, pre: dict,
-                   input_size: int, params: np.ndarray, weight: torch.Tensor | None) -> float:
-    """One shuffled pass over `rows` (each augmented by its row of `params`); mean training loss."""
+                   input_size: int, params: np.ndarray, weight: torch.Tensor | None,
+                   sample_weight: torch.Tensor | None = None, cam: LiveCam | None = None) -> float:
+    """One shuffled pass over `rows` (each augmented by its row of `params`); mean training loss.
+
+    `weight` / `sample_weight` (aligned with `rows`): the `balance` loss weights; `cam`: the
+    Grad-CAM loss on the batch's live maps, with each view's own lung mask (`trainable.train.ft_levers`)."""
     train_mode(model, config["ft_bn"])
     order = torch.randperm(len(rows), generator=generator).numpy()
     bs, total = int(config["batch_size"]), 0.0
     from trainable.progress import track
 
+    dev = next(model.parameters()).device
+    weight = None if weight is None else weight.to(dev)
     for s in track(range(0, len(rows), bs), "fine-tuning epoch", total=len(rows), unit="images",
                    step=lambda s: len(order[s:s + bs])):
         b = order[s:s + bs]
-        dev = next(model.parameters()).device
         x = model_input(images[rows[b]], pre, float(config["crop_margin"]), input_size, params[b]).to(dev)
         target = torch.as_tensor(y[rows[b]]).to(dev)
+        sw = None if sample_weight is None else sample_weight[torch.as_tensor(b)].to(dev)
+        term = None if cam is None else (cam.lam, cam.outside(rows[b], params[b]))
         optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), target, weight=None if weight is None else weight.to(dev))
+        loss, _ = ft_batch_loss(model, x, target, weight, sw, term)
         loss.backward()
         optimizer.step()
         total += float(loss.detach()) * len(b)
@@ -299,6 +307,7 @@ class FtStage:
         self.folds = [new_ft_fold(config, fs, st.head, s.seed + 1000 + k, s.cam_layer, s.input_size)
                       for k, st in enumerate(states)]
         self.done = restore_ft(self.folds, resume) if resume else 0
+        self.cam = live_cam(config, prepared, fs.maps.shape[2:])  # None when cam_loss is 0
         self.splits = [inner_split(tr, self.y, prepared.patients, s.seed, k) for k, (tr, _) in enumerate(prepared.folds)]
         cam = self.folds[0].cam if self.folds else None
         self.reference = focus_reference(prepared.lung_masks[float(config["crop_margin"])],
@@ -311,9 +320,9 @@ class FtStage:
             return None
         fit, stop = self.splits[k]
         rows, params = _epoch_rows(config, fit, y, s.seed, k, epoch)
-        weight = class_weights(y[rows], len(self.prepared.classes)) if balance_mode(config) != "none" else None
+        weight, sample_weight = epoch_loss_weights(config, self.prepared, rows)  # as the head stage
         loss = train_ft_epoch(ff.model, ff.optimizer, ff.generator, self.images, rows, y, config,
-                              self.fs.preprocessing, s.input_size, params, weight)
+                              self.fs.preprocessing, s.input_size, params, weight, sample_weight, self.cam)
         watched = inner_loss(ff.model, self.images[stop], y[stop], self.fs.preprocessing,
                              float(config["crop_margin"]), s.input_size) if len(stop) else loss
         ff.current = self._validate(ff, k, loss)
@@ -377,13 +386,14 @@ def finetune_all(config: dict, prepared: Prepared, fs: FeatureSet, head: Head, n
     y = np.asarray(prepared.labels)
     ff = new_ft_fold(config, fs, head, s.seed + 1000)
     fit, stop = inner_split(np.arange(len(y)), y, prepared.patients, s.seed, 999)  # 999: not a CV fold
+    cam = live_cam(config, prepared, fs.maps.shape[2:])
     from trainable.progress import track
 
     for j in track(range(n_epochs), f"export refit: fine-tuning on {len(fit)} images"):
         rows, params = _epoch_rows(config, fit, y, s.seed, 999, j)
-        weight = class_weights(y[rows], len(prepared.classes)) if balance_mode(config) != "none" else None
+        weight, sample_weight = epoch_loss_weights(config, prepared, rows)
         loss = train_ft_epoch(ff.model, ff.optimizer, ff.generator, images, rows, y, config, fs.preprocessing,
-                              s.input_size, params, weight)
+                              s.input_size, params, weight, sample_weight, cam)
         watched = inner_loss(ff.model, images[stop], y[stop], fs.preprocessing, float(config["crop_margin"]),
                              s.input_size) if len(stop) else loss
         ff.early.update(watched, j + 1, ff.model)

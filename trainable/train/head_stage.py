@@ -26,7 +26,7 @@ from trainable.cam.loss import cam_loss, region_weights
 from trainable.models.featureset import FeatureSet
 from trainable.models.head import Head, predict_proba, train_one_epoch
 from trainable.shared import Prepared
-from trainable.train.balance import loss_weights
+from trainable.train.balance import epoch_loss_weights
 from trainable.train.lockstep import FoldResult, cam_targets, fold_result, lockstep_epoch
 from trainable.train.oversample import oversampled_rows
 
@@ -116,8 +116,7 @@ def train_head_epoch(st: FoldState, config: dict, prepared: Prepared, pooled: np
     """One epoch of a head on the cached pooled vectors `pooled[views, rows]` with the trial's loss
     weights (`balance`) and Grad-CAM loss (`cam`); returns the mean training loss."""
     y = np.asarray(prepared.labels)
-    groups = None if prepared.groups is None else np.asarray(prepared.groups)[rows]
-    weight, sample_weight = loss_weights(config, y[rows], groups, len(prepared.classes), prepared.settings.min_cell)
+    weight, sample_weight = epoch_loss_weights(config, prepared, rows)
     return train_one_epoch(st.head, st.optimizer, torch.from_numpy(pooled[views, rows]), torch.as_tensor(y[rows]),
                            int(config["batch_size"]), st.generator, weight, sample_weight,
                            None if cam is None else cam.penalty(st.head, rows))
