@@ -173,7 +173,8 @@ def test_cam_loss_in_the_ft_stage_trains_and_changes_the_loss(prepared, heads) -
     for lam in (0.0, 5.0):
         config = _config(cam_loss=lam, cam_loss_region="outside_lungs")
         seen: list[dict] = []
-        folds = finetune_folds(copy.deepcopy(states), config, prepared, fs, lambda j, m, f, last: seen.append(m))
+        folds = finetune_folds(copy.deepcopy(states), config, prepared, fs,
+                               lambda j, m, f, last, seen=seen: seen.append(m))
         runs[lam] = (seen, folds)
     for seen, _ in runs.values():
         assert len(seen) == 1

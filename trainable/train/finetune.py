@@ -28,6 +28,15 @@ Space keys (defaults in `trainable.shared.TRIAL_DEFAULTS`):
              trial's last report is of the restored models. The export refit does the same on all
              images (`finetune_all`).
 
+Training levers (README "Training levers"; `trainable.train.ft_levers`), in the stage and in the
+export refit alike: `balance` weighs the loss exactly as in the head stage
+(`trainable.train.balance.epoch_loss_weights` on each epoch's training rows: class weights, or
+per-sample weights for `group`); `cam_loss` λ > 0 adds λ × the share of the signed Grad-CAM
+evidence outside the region, computed on the backbone's live maps of the augmented batch being
+trained (α through the head with create_graph, so the step's one backward reaches the head and the
+trainable backbone blocks) with the lung mask of that same augmented view (each image's base-size
+mask through its image's affine and crop). λ = 0 computes none of it.
+
 After each ft epoch the Grad-CAM lung/edge mass is recomputed with the fine-tuned backbone: its
 target-layer maps of the validation images come from the same forward pass as the predictions,
 and the fast formula (`trainable.cam.explain`) is exact for the GAP head on those maps.
