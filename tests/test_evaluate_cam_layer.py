@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,17 @@ from search.space import SweepSpec, load_space
 from tests.conftest import ROOT, cxrtune
 from tests.test_cam_layer import SPACE as CAM_LAYER_SPACE
 from trainable.cam.explain import edge_band, explanation_scores, region_masses
-from trainable.cam.lung_segment import PSPNET_FILE, LungSegmentationError, pspnet_weights_places
+from trainable.cam.lung_segment import (
+    PSPNET_FILE,
+    LungSegmentationError,
+    pspnet_weights_places,
+)
 from trainable.data.dataset import load_dataset
+from trainable.data.holdout import Holdout
 from trainable.data.images import decode_images, geometry, mask_geometry, to_model_input
 from trainable.data.phantom import synthesize
 from trainable.export import export_model, load_model
-from trainable.models.backbones import process_backbone
+from trainable.models.backbones import build_backbone, process_backbone
 from trainable.models.featureset import FeatureKey
 from trainable.models.head import Classifier, Head
 from trainable.prepare import prepare_local
@@ -69,9 +75,15 @@ def one_thread() -> object:
     torch.set_num_threads(before)
 
 
+@dataclass
 class Swept:
-    def __init__(self, spec: SweepSpec, data: Path, split: object, prepared: Prepared, best: Path) -> None:
-        self.spec, self.data, self.split, self.prepared, self.best = spec, data, split, prepared, best
+    """A cam_layer sweep's pieces: its space, data, held-out split, search-part Prepared and best/."""
+
+    spec: SweepSpec
+    data: Path
+    split: Holdout
+    prepared: Prepared
+    best: Path
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +161,7 @@ def test_montage_maps_are_grad_cam_at_the_layer(swept: Swept) -> None:
     torch.manual_seed(0)
     heads = [Head(1280, CONFIG["hidden"], len(prepared.classes), 0.0).state_dict() for _ in prepared.folds]
     picks = np.array([0, 1, len(prepared.labels) - 1])
-    cams, preds, lung_mass, edge_mass = trial_cams(prepared, CONFIG, heads, picks)
+    cams, _, lung_mass, edge_mass = trial_cams(prepared, CONFIG, heads, picks)
     assert cams.shape == (3, 64, 64)
     bb = process_backbone(CONFIG["backbone"], CONFIG["weights"])
     pre = bb.preprocessing
@@ -167,6 +179,26 @@ def test_montage_maps_are_grad_cam_at_the_layer(swept: Swept) -> None:
         lm, em = region_masses(ref, prepared.lung_masks[CONFIG["crop_margin"]][i:i + 1],
                                edge_band(s.input_size, s.edge_band))
         assert (lung_mass[r], edge_mass[r]) == pytest.approx((lm[0], em[0]), abs=1e-4)
+
+
+def test_montage_of_a_finetuned_trial_explains_each_folds_own_backbone_at_the_layer(swept: Swept) -> None:
+    prepared = swept.prepared
+    torch.manual_seed(1)
+    # what a fine-tuned trial's checkpoint holds per fold: its whole model (`backbone.*`, `head.*`);
+    # random backbones here, so the ImageNet one (the head-only path) would give other maps
+    folds = [Classifier(build_backbone(CONFIG["backbone"], "random").model,
+                        Head(1280, CONFIG["hidden"], len(prepared.classes), 0.0)).eval() for _ in prepared.folds]
+    picks = np.array([0, len(prepared.labels) - 1])
+    cams, _, _, _ = trial_cams(prepared, CONFIG, [m.state_dict() for m in folds], picks)
+    pre = process_backbone(CONFIG["backbone"], CONFIG["weights"]).preprocessing
+    fold_of = {int(i): k for k, (_, va) in enumerate(prepared.folds) for i in va}
+    for r, i in enumerate(picks):
+        model = folds[fold_of[int(i)]]
+        x = to_model_input(geometry(prepared.image_array()[i:i + 1], CONFIG["crop_margin"], prepared.settings.input_size),
+                           pre.in_chans, pre.mean, pre.std)
+        with GradCAM(model=model, target_layers=[model.get_submodule(f"backbone.{LAYER}")]) as cam:
+            ref = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(prepared.labels[i]))])
+        np.testing.assert_allclose(cams[r], ref[0], atol=1e-4)
 
 
 @pytest.fixture
@@ -195,7 +227,7 @@ def test_pspnet_model_without_the_weights_is_one_line_and_exit_2(swept: Swept, t
     with pytest.raises(LungSegmentationError, match="scoring.lung_masks: pspnet"):
         evaluate_dataset(model, swept.split.heldout, "held-out")   # the held-out scoring's path
     proc = subprocess.run([sys.executable, "-m", "search.cli", "evaluate", "--model", str(model),
-                           "--data", str(swept.data)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           "--data", str(swept.data)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
                           env=no_pspnet_weights)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
