@@ -5,10 +5,14 @@ model's classes: as they are when every label is a class of the model, else thro
 whose classes the model has (e.g. `normal` and `pneumonia` → `rest` for a `covid_vs_rest`
 model); anything else is a DataError naming the labels that do not fit.
 
-Every image is decoded and cropped exactly as in the sweep (`trainable.data.images`), run through the
-backbone once, and its Grad-CAM for the true class is computed exactly from the feature maps
-(`trainable.cam.explain`): `lung_mass` on the data's lung masks where it has them, else on the atlas;
-`edge_mass` on the outer `edge_band` of the model input.
+Every image is decoded and cropped exactly as in the sweep (`trainable.data.images`) and run through
+the model; its lung / edge mass is scored the way the sweep's CV scored it (metadata.json `scoring`,
+`search.outputs.scoring`): Grad-CAM for the sweep's `cam_target` class, at its `cam_layer` (`final`:
+exactly from the backbone's last maps, `trainable.cam.explain`; another layer: full-model Grad-CAM at
+that layer of the exported model, `trainable.cam.camlayer`), `lung_mass` on the lung masks of its
+`lung_masks` source (auto: the data's where it has them, else the atlas; data; atlas; pspnet:
+torchxrayvision's PSPNet for every image), `edge_mass` on the outer `edge_band` of the model input.
+The result records the layer, its grid and the mask source of every image.
 
 >>> result = evaluate("results/default/best", "data/holdout")      # doctest: +SKIP
 >>> print("\\n".join(report_lines(result)))                         # doctest: +SKIP
@@ -25,13 +29,14 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 
+from search.outputs.scoring import check_scoring_inputs, layer_cam_as_scored, lung_masks_as_scored, scoring_settings
 from trainable.atomic import atomic_write_text
 from trainable.cam.explain import FocusReference, edge_band, explanation_scores, focus, focus_reference
 from trainable.data.dataset import TASKS, Dataset, load_dataset
 from trainable.data.images import decode_images, geometry, mask_geometry, to_model_input
-from trainable.data.lungs import lung_atlas
 from trainable.errors import DataError
 from trainable.export import load_model
+from trainable.model_dir import check_model_dir
 from trainable.models.features import inference_batch_size
 from trainable.train.lockstep import cam_targets
 from trainable.train.metrics import auc
@@ -82,26 +87,23 @@ def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_s
     """`evaluate` on a loaded data set (e.g. a sweep's held-out patients, `search.outputs.heldout`);
     `data` names it in messages and in the result. `batch_size`: default `inference_batch_size()`."""
     batch_size = batch_size or inference_batch_size()
+    scoring = scoring_settings(check_model_dir(model_dir))
+    check_scoring_inputs(scoring, model_dir)  # PSPNet's weights, before the model is built or any image decoded
     model, meta = load_model(model_dir)
     classes = [str(c) for c in meta["classes"]]
     mapping = match_labels(dataset, classes, str(data))
     y = np.array([classes.index(mapping[lab]) for lab in dataset.table["label"].astype(str)], np.int64)
     pre = meta["preprocessing"]
     size, margin, input_size = int(pre["base_size"]), float(pre["crop_margin"]), int(pre["input_size"])
-    scoring = scoring_settings(meta)
+    cam = layer_cam_as_scored(model.backbone, meta, scoring, model_dir, batch_size)
     log(f"decoding {len(dataset)} images at {size}px")
     images, masks = decode_images(dataset, size)
-    has_mask = dataset.has_masks if scoring["lung_masks"] != "atlas" else np.zeros(len(dataset), bool)
-    if scoring["lung_masks"] == "data" and not has_mask.all():
-        first = dataset.table["id"].astype(str).to_numpy()[~has_mask][0]
-        raise DataError(f"{data}: the model was scored with lung_masks: data, and image {first!r} has no mask "
-                        f"({int((~has_mask).sum())} of {len(dataset)} have none)")
-    if not has_mask.all():
-        masks[~has_mask] = lung_atlas(size, float(scoring["atlas_threshold"]))
+    masks, mask_source = lung_masks_as_scored(scoring, dataset, images, masks, str(data), log)
     edge = edge_band(input_size, float(scoring["edge_band"]))
     probs, lung, edge_m, area, ref_u, ref_m = [], [], [], [], [], []
+    grid: tuple[int, ...] = ()
     log(f"scoring with {meta['backbone']} ({len(classes)} classes; Grad-CAM of the {scoring['cam_target']} class"
-        f", final layer)")
+        f" at {'the final layer' if cam is None else scoring['cam_layer']}; lung masks {scoring['lung_masks']})")
     for s in range(0, len(images), batch_size):
         sl = slice(s, s + batch_size)
         x = to_model_input(geometry(images[sl], margin, input_size), int(pre["in_chans"]),
@@ -111,8 +113,13 @@ def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_s
             probs.append(torch.softmax(model.head(maps.mean(dim=(2, 3))), 1).numpy())
         lm = mask_geometry(masks[sl], margin, input_size)
         targets = cam_targets(str(scoring["cam_target"]), y[sl], probs[-1], tuple(classes))
-        a, b = explanation_scores(model.head, maps, targets, lm, edge)
-        ref = focus_reference(lm, edge, *maps.shape[2:])
+        if cam is None:   # the exact formula from the last maps, as CV's fast path
+            a, b = explanation_scores(model.head, maps, targets, lm, edge)
+            grid = tuple(maps.shape[2:])
+        else:             # the sweep's cam_layer: full-model Grad-CAM at that layer, as CV's LayerCam
+            a, b = cam.masses(model.head, images[sl], targets, lm, edge)
+            grid = cam.grid
+        ref = focus_reference(lm, edge, *grid)
         lung.append(a)
         edge_m.append(b)
         area.append(lm.mean(axis=(1, 2)))
@@ -124,7 +131,8 @@ def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_s
     result = {"model": str(model_dir), "data": str(data), "format": dataset.format,
               "backbone": meta["backbone"], "classes": classes, "label_mapping": mapping,
               "images": int(len(dataset)), "patients": int(len(set(dataset.patients))),
-              "masks": {"data": int(has_mask.sum()), "atlas": int((~has_mask).sum())}, "scoring": scoring,
+              "masks": mask_counts(mask_source), "scoring": scoring,
+              "cam_grid": "x".join(map(str, grid)),
               "trained_on_this_data": _same_data(dataset, meta.get("data_hash"))}
     result.update(scores(y, p, classes, lung_mass, edge_mass, lung_area))
     result["metrics"]["focus"] = focus(lung_mass, edge_mass, reference)
@@ -132,22 +140,15 @@ def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_s
     result["per_image"] = [
         {"id": i, "label": classes[t], "predicted": classes[int(pr.argmax())],
          "probabilities": [round(float(v), 5) for v in pr], "lung_mass": round(float(lm), 5),
-         "edge_mass": round(float(em), 5), "mask": "data" if hm else "atlas"}
-        for i, t, pr, lm, em, hm in zip(dataset.table["id"].astype(str), y, p, lung_mass, edge_mass, has_mask)]
+         "edge_mass": round(float(em), 5), "mask": str(src)}
+        for i, t, pr, lm, em, src in zip(dataset.table["id"].astype(str), y, p, lung_mass, edge_mass, mask_source)]
     return result
 
 
-def scoring_settings(meta: dict) -> dict:
-    """How the sweep scored Grad-CAM (metadata.json["scoring"]); models exported before it was
-    recorded get the defaults they were scored with. `cam_layer` other than final and PSPNet masks
-    are not recomputed here: the final layer and the data's masks (else the atlas) are used."""
-    recorded = meta.get("scoring") or {}
-    out = {"lung_masks": "auto", "atlas_threshold": float(meta.get("atlas_threshold", 0.5)), "cam_target": "true",
-           "cam_layer": "final", "min_cell": 5, "group_column": "source", "edge_band": float(meta["edge_band"])}
-    out |= {k: v for k, v in recorded.items() if k in out}
-    if out["lung_masks"] == "pspnet":
-        out["lung_masks"] = "auto"
-    return out
+def mask_counts(mask_source: np.ndarray) -> dict[str, int]:
+    """Images per lung-mask source: data and atlas always, pspnet when it was used."""
+    counts = {k: int((mask_source == k).sum()) for k in ("data", "atlas", "pspnet")}
+    return counts if counts["pspnet"] else {k: counts[k] for k in ("data", "atlas")}
 
 
 def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], lung_mass: np.ndarray,
@@ -206,7 +207,8 @@ def report_lines(result: dict) -> list[str]:
     lines = [f"model: {result['model']} ({result['backbone']}; classes {', '.join(classes)})",
              f"data: {result['data']} (format {result['format']}; {result['images']} images, "
              f"{result['patients']} patients; lung masks: {result['masks']['data']} from the data, "
-             f"{result['masks']['atlas']} atlas)"]
+             f"{result['masks']['atlas']} atlas"
+             + (f", {result['masks']['pspnet']} PSPNet" if result["masks"].get("pspnet") else "") + ")"]
     if mapped:
         lines.append("labels mapped: " + ", ".join(f"{k} → {v}" for k, v in mapped.items()))
     if result.get("trained_on_this_data"):
@@ -214,8 +216,12 @@ def report_lines(result: dict) -> list[str]:
                      "numbers, not a test")
     lines.append(f"accuracy {m['accuracy']:.3f} · balanced accuracy {m['balanced_accuracy']:.3f} · "
                  f"AUC {m['auc']:.3f} · macro F1 {m['macro_f1']:.3f} · loss {m['loss']:.3f}")
+    sc = result.get("scoring", {})
+    target = sc.get("cam_target", "true")
     lines.append(f"lung_mass {m['lung_mass']:.3f} · edge_mass {m['edge_mass']:.3f} · "
-                 f"lung_enrichment {m['lung_enrichment']:.2f}  (Grad-CAM for the true class)")
+                 f"lung_enrichment {m['lung_enrichment']:.2f}  (Grad-CAM for the "
+                 f"{target + ' class' if target in ('true', 'predicted') else target} at "
+                 f"{sc.get('cam_layer', 'final')} layer, {result.get('cam_grid', '?')} grid)")
     w = max(5, *(len(c) for c in classes))
     lines.append(f"{'class':<{w}}  precision  recall     f1  support  lung_mass  edge_mass")
     for c in classes:

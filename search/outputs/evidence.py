@@ -4,7 +4,10 @@ Each column is one trial; each row one validation image, explained by the head o
 did NOT train on it (the trial's last checkpoint holds one head per fold), so the picture shows
 out-of-fold evidence — what cross-validation scored. When the trial fine-tuned, its last checkpoint
 holds each fold's fine-tuned model (restored to its best ft epoch), and the maps are recomputed with
-that fold's own backbone, as the fine-tuning stage did for its lung / edge mass.
+that fold's own backbone, as the fine-tuning stage did for its lung / edge mass. With the sweep's
+`cam_layer` other than `final` the maps are full-model Grad-CAM at that layer (a LayerCam over the
+ImageNet backbone, or over the fold's fine-tuned one), as CV scored them; the lung masks are the
+sweep's (`prepared.lung_masks`: its `lung_masks` source).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from trainable.atomic import atomic_file  # noqa: E402
+from trainable.cam.camlayer import FINAL, LayerCam, layer_cam_for, layer_cam_on  # noqa: E402
 from trainable.cam.explain import edge_band, gradcam_from_maps, normalise_and_resize, region_masses  # noqa: E402
 from trainable.data.images import geometry, read_gray  # noqa: E402
 from trainable.models.head import Classifier, Head, predict_proba  # noqa: E402
@@ -70,36 +74,45 @@ def pick_images(prepared: Prepared, n: int, seed: int = 0) -> np.ndarray:
 
 def trial_cams(prepared: Prepared, config: dict, heads: list[dict], picks: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(CAM at input size, predicted class, lung mass, edge mass) of each picked image."""
+    """(CAM at input size, predicted class, lung mass, edge mass) of each picked image, at the
+    sweep's `cam_layer` (`final`: exactly from the last maps)."""
     config = with_defaults(config)
     fs = prepared.features_for(config)
     fold_of = np.empty(len(prepared.labels), np.int64)
     for k, (_, va) in enumerate(prepared.folds):
         fold_of[va] = k
-    size = prepared.settings.input_size
-    lung = prepared.lung_masks[float(config["crop_margin"])]
-    edge = edge_band(size, prepared.settings.edge_band)
+    s = prepared.settings
+    size, margin = s.input_size, float(config["crop_margin"])
+    lung = prepared.lung_masks[margin]
+    edge = edge_band(size, s.edge_band)
     cams, preds = [], []
-    models: dict[int, Classifier] = {}
+    models: dict[int, tuple[Classifier, LayerCam | None]] = {}
+    # head-only trials: CV's LayerCam over the frozen backbone (None at `final`)
+    frozen_cam = None if _finetuned(heads) else layer_cam_for(config["backbone"], config["weights"],
+                                                               s.cam_layer, margin, size)
     for i in picks:
+        image = prepared.image_array()[i:i + 1]
         if _finetuned(heads):  # this fold's fine-tuned backbone: its maps, not the cached ImageNet ones
             k = int(fold_of[i])
             if k not in models:
-                models[k] = fold_model(config, fs.maps.shape[1], len(prepared.classes), heads[k])
-            head = models[k].head
-            probs, maps = predict_with_maps(models[k], prepared.image_array()[i:i + 1], fs.preprocessing,
-                                            float(config["crop_margin"]), size)
-            preds.append(int(probs.argmax()))
-            target = cam_targets(prepared.settings.cam_target, prepared.labels[i:i + 1], probs, prepared.classes)
-            cams.append(normalise_and_resize(gradcam_from_maps(head, maps, target), size)[0].detach().numpy())
-            continue
-        head = Head(fs.maps.shape[1], int(config["hidden"]), len(prepared.classes), float(config["dropout"]))
-        head.load_state_dict(heads[fold_of[i]])
-        maps = torch.from_numpy(fs.maps[i:i + 1].astype(np.float32))
-        probs = predict_proba(head, maps.mean(dim=(2, 3)))
+                model = fold_model(config, fs.maps.shape[1], len(prepared.classes), heads[k])
+                models[k] = model, (None if s.cam_layer == FINAL else
+                                    layer_cam_on(model.backbone, fs.preprocessing, s.cam_layer, margin, size))
+            model, cam = models[k]
+            head = model.head
+            probs, maps = predict_with_maps(model, image, fs.preprocessing, margin, size)
+        else:
+            head = Head(fs.maps.shape[1], int(config["hidden"]), len(prepared.classes), float(config["dropout"]))
+            head.load_state_dict(heads[fold_of[i]])
+            cam = frozen_cam
+            maps = torch.from_numpy(fs.maps[i:i + 1].astype(np.float32))
+            probs = predict_proba(head, maps.mean(dim=(2, 3)))
         preds.append(int(probs.argmax()))
-        target = cam_targets(prepared.settings.cam_target, prepared.labels[i:i + 1], probs, prepared.classes)
-        cams.append(normalise_and_resize(gradcam_from_maps(head, maps, target), size)[0].detach().numpy())
+        target = cam_targets(s.cam_target, prepared.labels[i:i + 1], probs, prepared.classes)
+        if cam is None:
+            cams.append(normalise_and_resize(gradcam_from_maps(head, maps, target), size)[0].detach().numpy())
+        else:  # the sweep's cam_layer: full-model Grad-CAM at that layer, as CV's LayerCam
+            cams.append(cam.cams(head, image, target)[0].numpy())
     cams_arr = np.stack(cams)
     lung_mass, edge_mass = region_masses(cams_arr, lung[picks], edge)
     return cams_arr, np.array(preds), lung_mass, edge_mass
@@ -130,7 +143,9 @@ def write_montage(out_png: Path, prepared: Prepared, columns: list[tuple[str, di
                          f"lung {lung_mass[r]:.2f}  edge {edge_mass[r]:.2f}", fontsize=8)
             ax.axis("off")
     target = prepared.settings.cam_target
-    fig.suptitle(f"Grad-CAM (target: {target if target not in ('true', 'predicted') else target + ' class'})"
+    layer = prepared.settings.cam_layer
+    fig.suptitle(f"Grad-CAM (target: {target if target not in ('true', 'predicted') else target + ' class'}; "
+                 f"layer: {layer}; lung masks: {prepared.settings.lung_masks})"
                  "\ngreen: lung mask · dashed: edge band", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / len(picks)))
     with atomic_file(out_png) as f:

@@ -4,8 +4,9 @@
 trial, `best/` and `selected/` see only the rest. `heldout.json` records the held-out patient and
 image ids when the sweep starts; `cxrtune resume` and `cxrtune select` rebuild the same split and
 check it against that file. At the end, `score_heldout` runs `best/` and `selected/` on the
-held-out images through `search.outputs.evaluate` (metrics, confusion, Grad-CAM lung/edge mass with the
-data's masks or the atlas) plus the group metrics, and writes `test_metrics.json`, a section of
+held-out images through `search.outputs.evaluate` (metrics, confusion, Grad-CAM lung/edge mass scored
+as CV scored it: the sweep's `cam_layer`, `lung_masks` source, atlas threshold and CAM target, from
+metadata.json `scoring`; `search.outputs.scoring`) plus the group metrics at the sweep's `min_cell`, and writes `test_metrics.json`, a section of
 leaderboard.md and `summary.json["heldout"]`; report.html shows it (`section_heldout`).
 """
 from __future__ import annotations
@@ -93,6 +94,8 @@ def score_model(model_dir: Path, split: Holdout, spec: SweepSpec, log: Callable[
     return {"trial_id": cv.get("trial_id"), "config": meta.get("config", {}),
             "metrics": r["metrics"] | {k: gm[k] for k in ("worst_group_accuracy", "within_group_auc")},
             "min_cell": spec.min_cell,
+            # how lung / edge mass were scored (as CV): the layer, its grid, the mask source and images per source
+            "scoring": {**r["scoring"], "cam_grid": r["cam_grid"]}, "masks": r["masks"],
             "group_recall": {k: v for k, v in every.items() if k.startswith("recall_")}, "group_cells": cells,
             "per_class": r["per_class"], "confusion_matrix": r["confusion_matrix"], "by_source": r["by_source"],
             "per_image": [{k: p[k] for k in ("id", "label", "predicted", "probabilities")} for p in r["per_image"]],

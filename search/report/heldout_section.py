@@ -18,7 +18,8 @@ def heldout_markdown(out: dict) -> list[str]:
     lines = ["## Held-out test", "",
              f"{h['heldout']['patients']} patients / {h['heldout']['images']} images (holdout {h['fraction']}, "
              f"seed {h['seed']}, stratified by {' and '.join(h['stratified_by'])}; ids in heldout.json) "
-             f"never seen by the search. CV = the trial's cross-validated value at its best epoch.", "",
+             f"never seen by the search. CV = the trial's cross-validated value at its best epoch."
+             + _scored_as(out), "",
              "| model | trial | " + " | ".join(f"CV {_short_name(m)}" for m in ("balanced_accuracy", "auc")) + " | "
              + " | ".join(f"test {_short_name(m)}" for m in TABLE_METRICS) + " |",
              "|---" * (4 + len(TABLE_METRICS)) + "|"]
@@ -30,6 +31,19 @@ def heldout_markdown(out: dict) -> list[str]:
         lines.append(f"| {name} (`{role}/`) | {r['trial_id']} | " + " | ".join(_fmt(v) for v in cv) + " | "
                      + " | ".join(_fmt(r["metrics"].get(m)) for m in TABLE_METRICS) + " |")
     return lines
+
+
+def _scored_as(out: dict) -> str:
+    """How lung / edge mass were scored (test_metrics.json `scoring`: the sweep's layer and mask source;
+    the grid is per model, as it depends on the backbone)."""
+    scored = {role: out[role]["scoring"] for role, _ in ROLES if role in out and out[role].get("scoring")}
+    if not scored:  # test_metrics.json written before the scoring was recorded
+        return ""
+    first = next(iter(scored.values()))
+    grids = sorted({sc.get("cam_grid", "?") for sc in scored.values()})
+    grid = grids[0] if len(grids) == 1 else ", ".join(f"{r} {sc.get('cam_grid', '?')}" for r, sc in scored.items())
+    return (f" Grad-CAM lung / edge mass as CV scored them: layer {first.get('cam_layer', 'final')} "
+            f"(grid {grid}), lung masks {first.get('lung_masks', 'auto')}.")
 
 
 def _short_name(m: str) -> str:

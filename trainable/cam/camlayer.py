@@ -12,12 +12,18 @@ CAM = ReLU(Σ_k alpha_k·A^k), then the library's post-processing (`trainable.ca
 Cost: one forward and one backward through the backbone per validation image and epoch
 (README.md "Grad-CAM at a higher-resolution layer" gives the measured rate).
 
+After the sweep the same layer explains what it exported: `cxrtune evaluate`, the held-out scoring
+and the montages build a LayerCam over the exported (or a fold's fine-tuned) backbone module with
+`layer_cam_on`, so their lung / edge mass is scored the way CV scored it.
+
 >>> valid_cam_layers("efficientnet_lite0")[:3]        # doctest: +SKIP
 ['final', 'body.blocks.0', 'body.blocks.1']
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +31,7 @@ from torch import nn
 
 from trainable.cam.explain import normalise_and_resize, region_masses
 from trainable.data.images import geometry, to_model_input
-from trainable.models.backbones import Backbone, process_backbone
+from trainable.models.backbones import Backbone, Preprocessing, process_backbone
 from trainable.models.features import inference_batch_size
 from trainable.models.head import Classifier
 from trainable.models.loaders import random_feature_maps
@@ -80,10 +86,18 @@ def gradcam_at_layer(model: nn.Module, layer: nn.Module, x: torch.Tensor, target
     return torch.relu((alpha * saved["a"]).sum(dim=1))
 
 
+class BuiltModule(NamedTuple):
+    """What LayerCam explains besides a head: a backbone module and the preprocessing its input needs
+    (a `Backbone` has both; an exported or fine-tuned model's `.backbone` gets them here)."""
+
+    model: nn.Module
+    preprocessing: Preprocessing
+
+
 class LayerCam:
     """Grad-CAM lung / edge mass of a trial's heads at `layer` of its (frozen) backbone."""
 
-    def __init__(self, backbone: Backbone, layer: str, margin: float, input_size: int,
+    def __init__(self, backbone: Backbone | BuiltModule, layer: str, margin: float, input_size: int,
                  batch_size: int | None = None) -> None:
         self.backbone, self.layer_name = backbone, layer
         self.layer = backbone.model.get_submodule(layer)
@@ -106,11 +120,23 @@ class LayerCam:
     def masses(self, head: nn.Module, images: np.ndarray, targets: torch.Tensor, lung_masks: np.ndarray,
                edge: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-image (lung_mass, edge_mass); `images` uint8 (N, S, S) before crop and resize."""
+        lung, edge_m = [], []
+        for sl, cams in self._batches(head, images, targets):
+            lm, em = region_masses(cams, lung_masks[sl], edge)
+            lung.append(lm)
+            edge_m.append(em)
+        return np.concatenate(lung), np.concatenate(edge_m)
+
+    def cams(self, head: nn.Module, images: np.ndarray, targets: torch.Tensor) -> torch.Tensor:
+        """The maps `masses` scores: (N, input, input), post-processed as pytorch-grad-cam does."""
+        return torch.cat([cams for _, cams in self._batches(head, images, targets)])
+
+    def _batches(self, head: nn.Module, images: np.ndarray, targets: torch.Tensor
+                 ) -> Iterator[tuple[slice, torch.Tensor]]:
         pre = self.backbone.preprocessing
         model = Classifier(self.backbone.model, head)
         was_training = head.training
         model.eval()   # as pytorch-grad-cam does: no dropout in the explained head
-        lung, edge_m = [], []
         try:
             for s in track(range(0, len(images), self.batch_size), f"Grad-CAM at {self.layer_name}",
                            total=len(images), unit="images", step=lambda s: len(images[s:s + self.batch_size])):
@@ -119,12 +145,9 @@ class LayerCam:
                                    pre.mean, pre.std)
                 dev = next(model.parameters()).device  # a fine-tuned fold model may sit on the GPU
                 raw = gradcam_at_layer(model, self.layer, x.to(dev), targets[sl].to(dev)).cpu()
-                lm, em = region_masses(normalise_and_resize(raw, self.input_size), lung_masks[sl], edge)
-                lung.append(lm)
-                edge_m.append(em)
+                yield sl, normalise_and_resize(raw, self.input_size)
         finally:
             head.train(was_training)
-        return np.concatenate(lung), np.concatenate(edge_m)
 
 
 def layer_cam_for(backbone: str, weights: str, layer: str, margin: float, input_size: int) -> LayerCam | None:
@@ -132,3 +155,12 @@ def layer_cam_for(backbone: str, weights: str, layer: str, margin: float, input_
     if layer == FINAL:
         return None
     return LayerCam(process_backbone(backbone, weights), layer, margin, input_size)
+
+
+def layer_cam_on(module: nn.Module, preprocessing: dict, layer: str, margin: float, input_size: int,
+                 batch_size: int | None = None) -> LayerCam:
+    """A LayerCam over an already built backbone module — an export's `model.backbone` (metadata.json's
+    `preprocessing`) or a fold's fine-tuned one (its FeatureSet's) — at `layer`, a dotted name inside it."""
+    pre = Preprocessing(input_size=int(preprocessing["input_size"]), mean=tuple(preprocessing["mean"]),
+                        std=tuple(preprocessing["std"]), in_chans=int(preprocessing["in_chans"]))
+    return LayerCam(BuiltModule(module, pre), layer, margin, input_size, batch_size)

@@ -57,8 +57,10 @@ def pspnet_weights_places() -> list[Path]:
     return places if default in places else [*places, default]
 
 
-def pspnet_weights(allow_download: bool | None = None) -> Path:
-    """The PSPNet weights file: found offline, or downloaded when allowed; else a one-line error."""
+def pspnet_weights(allow_download: bool | None = None, instead: str = ", or use lung_masks: auto | data | atlas"
+                   ) -> Path:
+    """The PSPNet weights file: found offline, or downloaded when allowed; else a one-line error
+    (ending with `instead`: what else the user can do)."""
     places = pspnet_weights_places()
     for place in places:
         if place.is_file():
@@ -73,7 +75,7 @@ def pspnet_weights(allow_download: bool | None = None) -> Path:
     raise LungSegmentationError(
         f"lung_masks: pspnet needs torchxrayvision's PSPNet weights {PSPNET_FILE}; not found at "
         f"{', '.join(map(str, places))}; {why}; put the file there (from {PSPNET_URL}) or set "
-        f"{ENV_PSPNET_WEIGHTS}=FILE, or use lung_masks: auto | data | atlas")
+        f"{ENV_PSPNET_WEIGHTS}=FILE{instead}")
 
 
 def lung_channels() -> tuple[int, int]:
