@@ -96,10 +96,13 @@ def trial_cams(prepared: Prepared, config: dict, heads: list[dict], picks: np.nd
         head = Head(fs.maps.shape[1], int(config["hidden"]), len(prepared.classes), float(config["dropout"]))
         head.load_state_dict(heads[fold_of[i]])
         maps = torch.from_numpy(fs.maps[i:i + 1].astype(np.float32))
-        probs = predict_proba(head, maps.mean(dim=(2, 3)))
+        # pool: lungs: the cached lung-masked vector of view 0 (the head's input; Grad-CAM stays exact)
+        pooled = maps.mean(dim=(2, 3)) if config["pool"] == "gap" else \
+            torch.from_numpy(fs.pooled[config["augment"]][0][i:i + 1])
+        probs = predict_proba(head, pooled)
         preds.append(int(probs.argmax()))
         target = cam_targets(prepared.settings.cam_target, prepared.labels[i:i + 1], probs, prepared.classes)
-        cams.append(normalise_and_resize(gradcam_from_maps(head, maps, target), size)[0].detach().numpy())
+        cams.append(normalise_and_resize(gradcam_from_maps(head, maps, target, pooled), size)[0].detach().numpy())
     cams_arr = np.stack(cams)
     lung_mass, edge_mass = region_masses(cams_arr, lung[picks], edge)
     return cams_arr, np.array(preds), lung_mass, edge_mass
