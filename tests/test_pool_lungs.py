@@ -43,7 +43,8 @@ from trainable.shared import Settings, with_defaults
 from trainable.train.head_stage import HeadStage, new_fold_state
 from trainable.train.lockstep import run_lockstep
 
-SIZE = 96          # efficientnet_lite0: a 3×3 grid
+SIZE = 160         # efficientnet_lite0: a 5×5 grid (its corner cells hold no lung)
+GRID = (5, 5)
 GAP = FeatureKey("efficientnet_lite0", "imagenet", 0.0, SIZE)
 LUNGS = FeatureKey("efficientnet_lite0", "imagenet", 0.0, SIZE, "lungs")
 
@@ -141,13 +142,11 @@ class _WithMasks(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory):
-    """32 phantom images at 96 px whose marker shortcut (in the border band, outside the lungs)
-    follows the class, and 32 where it does not; features of both keys, disk-cached."""
+    """64 phantom images at 160 px whose marker shortcut (in the border band, outside the lungs)
+    follows the class, and 64 where it does not; features of both keys, disk-cached."""
     root = tmp_path_factory.mktemp("poollungs")
-    synthesize(root / "train", n_patients=16, size=SIZE, shortcut=0.95, seed=2, images_per_patient=(2, 2),
-               lesion_strength=0.4)
-    synthesize(root / "shuffled", n_patients=16, size=SIZE, shortcut=0.5, seed=5, images_per_patient=(2, 2),
-               lesion_strength=0.4)
+    synthesize(root / "train", n_patients=32, size=SIZE, shortcut=0.95, seed=2, images_per_patient=(2, 2))
+    synthesize(root / "shuffled", n_patients=32, size=SIZE, shortcut=0.5, seed=5, images_per_patient=(2, 2))
     ds = load_dataset(root / "train", "covid_vs_rest")
     settings = Settings(folds=2, epochs=EPOCHS, base_size=SIZE, input_size=SIZE, views=2,
                         cache_dir=str(root / "cache"), min_cell=2)
@@ -165,7 +164,7 @@ def _config(**kw) -> dict:
 def test_head_stage_trains_on_per_view_lung_pooled_vectors(phantom) -> None:
     root, settings, prepared = phantom
     gap, lungs = prepared.feature_set(GAP), prepared.feature_set(LUNGS)
-    assert str(GAP) == "efficientnet_lite0|imagenet|crop=0|96px" and str(LUNGS).endswith("|pool=lungs")
+    assert str(GAP) == "efficientnet_lite0|imagenet|crop=0|160px" and str(LUNGS).endswith("|pool=lungs")
     assert np.array_equal(gap.maps, lungs.maps)     # the same maps; only the pooled vectors differ
     # view 0: the lung-weighted mean of the maps with the sweep's masks (here the data's)
     maps = torch.from_numpy(lungs.maps.astype(np.float32))
@@ -195,7 +194,8 @@ def test_head_stage_trains_on_per_view_lung_pooled_vectors(phantom) -> None:
 
 def test_lung_pooling_reads_the_outside_lung_shortcut_less(phantom) -> None:
     """Trained where markers (outside the lungs) follow the class, tested where they do not: the
-    lung-pooled head's balanced accuracy is not worse than gap's beyond noise."""
+    lung-pooled head's balanced accuracy is not worse than gap's beyond noise (measured, mean of 3
+    seeds: gap 0.73, lungs 0.84; with lesion_strength 0.6: 0.62 vs 0.67)."""
     root, settings, prepared = phantom
     test = load_dataset(root / "shuffled", "covid_vs_rest")
     tp = prepare_local(test, settings, [GAP, LUNGS], ["light"], progress=lambda m: None)
@@ -203,9 +203,9 @@ def test_lung_pooling_reads_the_outside_lung_shortcut_less(phantom) -> None:
     for pool, key in (("gap", GAP), ("lungs", LUNGS)):
         scores = []
         for seed in range(3):
-            config = _config(pool=pool)
+            config = _config(pool=pool, lr=3e-3)
             reseeded = dataclasses.replace(prepared, settings=dataclasses.replace(settings, seed=seed))
-            head = refit_head(config, reseeded, prepared.feature_set(key), EPOCHS)
+            head = refit_head(config, reseeded, prepared.feature_set(key), 40)
             probs = predict_proba(head, torch.from_numpy(tp.feature_set(key).pooled["light"][0]))
             scores.append(balanced_accuracy_score(tp.labels, probs.argmax(1)))
         acc[pool] = float(np.mean(scores))
@@ -221,10 +221,10 @@ def test_export_load_predict_evaluate_explain(phantom, tmp_path: Path) -> None:
     config = _config(pool="lungs")
     out = export_model(tmp_path / "m", config, prepared, 4, {"balanced_accuracy": 0.5})
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["pool"] == "lungs" and meta["pool_grid"] == [3, 3]
+    assert meta["pool"] == "lungs" and meta["pool_grid"] == list(GRID)
     model, meta = load_model(out)
     assert isinstance(model, LungPoolClassifier)
-    atlas = atlas_cell_weights(SIZE, settings.atlas_threshold, 0.0, SIZE, 3, 3)
+    atlas = atlas_cell_weights(SIZE, settings.atlas_threshold, 0.0, SIZE, *GRID)
     assert torch.allclose(model.lung, atlas) and 0 < float(atlas.mean()) < 1
     image = next((root / "train" / "images").glob("*.png"))
     x = preprocess_image(image, meta)
@@ -232,7 +232,8 @@ def test_export_load_predict_evaluate_explain(phantom, tmp_path: Path) -> None:
         maps = model.backbone(x)
         p = model(x).softmax(1)
         assert torch.allclose(model.head(lung_pool(maps, atlas)).softmax(1), p, atol=1e-6)
-        assert not torch.allclose(model(x, torch.ones(1, SIZE, SIZE)), model(x))   # a given mask is used
+        assert torch.allclose(model.pool(maps, torch.ones(1, SIZE, SIZE)), maps.mean((2, 3)))  # a given mask
+        assert not torch.allclose(model.pool(maps), maps.mean((2, 3)))
     # evaluate pools each image over its own (data) mask, as the sweep scored: the cached vectors' probabilities
     result = evaluate(out, root / "train")
     cached = predict_proba(model.head, torch.from_numpy(prepared.feature_set(LUNGS).pooled["light"][0]))

@@ -98,7 +98,7 @@ def trial_cams(prepared: Prepared, config: dict, heads: list[dict], picks: np.nd
         maps = torch.from_numpy(fs.maps[i:i + 1].astype(np.float32))
         # pool: lungs: the cached lung-masked vector of view 0 (the head's input; Grad-CAM stays exact)
         pooled = maps.mean(dim=(2, 3)) if config["pool"] == "gap" else \
-            torch.from_numpy(fs.pooled[config["augment"]][0][i:i + 1])
+            torch.tensor(fs.pooled[config["augment"]][0][i:i + 1])   # a copy: object-store arrays are read-only
         probs = predict_proba(head, pooled)
         preds.append(int(probs.argmax()))
         target = cam_targets(prepared.settings.cam_target, prepared.labels[i:i + 1], probs, prepared.classes)
