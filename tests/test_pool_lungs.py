@@ -38,7 +38,7 @@ from trainable.models.featureset import FeatureKey
 from trainable.models.head import Classifier, Head, predict_proba
 from trainable.models.lung_pool import (LungPoolClassifier, atlas_cell_weights, cell_weights, lung_pool,
                                         view_cell_weights)
-from trainable.prepare import prepare_local
+from trainable.prepare import prepare_local, prepare_sweep
 from trainable.shared import Settings, with_defaults
 from trainable.train.head_stage import HeadStage, new_fold_state
 from trainable.train.lockstep import run_lockstep
@@ -192,13 +192,27 @@ def test_head_stage_trains_on_per_view_lung_pooled_vectors(phantom) -> None:
         assert np.isfinite(seen[-1]["train_loss"]) and np.isfinite(seen[-1]["focus"])
 
 
+def test_the_sweep_feature_workers_pool_over_the_same_masks(phantom, ray_local) -> None:
+    """prepare_sweep (Ray feature workers, the masks in the object store) computes what
+    prepare_local does; its driver-side cache probe addresses the lungs entry with the masks."""
+    root, settings, prepared = phantom
+    ds = load_dataset(root / "train", "covid_vs_rest")
+    remote = prepare_sweep(ds, dataclasses.replace(settings, cache_dir="off"), [LUNGS], ["none"],
+                           progress=lambda m: None)   # view 0 only: a second policy costs another pass
+    assert np.allclose(remote.feature_set(LUNGS).pooled["none"][0], prepared.feature_set(LUNGS).pooled["light"][0],
+                       atol=1e-5)
+    lines = []
+    probed = prepare_sweep(ds, settings, [LUNGS], ["light"], progress=lines.append)
+    assert probed.feature_set(LUNGS).extra["cache"] == "hit" and any("read from the disk cache" in m for m in lines)
+
+
 def test_lung_pooling_reads_the_outside_lung_shortcut_less(phantom) -> None:
     """Trained where markers (outside the lungs) follow the class, tested where they do not: the
     lung-pooled head's balanced accuracy is not worse than gap's beyond noise (measured, mean of 3
     seeds: gap 0.73, lungs 0.84; with lesion_strength 0.6: 0.62 vs 0.67)."""
     root, settings, prepared = phantom
     test = load_dataset(root / "shuffled", "covid_vs_rest")
-    tp = prepare_local(test, settings, [GAP, LUNGS], ["light"], progress=lambda m: None)
+    tp = prepare_local(test, settings, [GAP, LUNGS], ["none"], progress=lambda m: None)   # view 0 only
     acc = {}
     for pool, key in (("gap", GAP), ("lungs", LUNGS)):
         scores = []
@@ -206,7 +220,7 @@ def test_lung_pooling_reads_the_outside_lung_shortcut_less(phantom) -> None:
             config = _config(pool=pool, lr=3e-3)
             reseeded = dataclasses.replace(prepared, settings=dataclasses.replace(settings, seed=seed))
             head = refit_head(config, reseeded, prepared.feature_set(key), 40)
-            probs = predict_proba(head, torch.from_numpy(tp.feature_set(key).pooled["light"][0]))
+            probs = predict_proba(head, torch.from_numpy(tp.feature_set(key).pooled["none"][0]))
             scores.append(balanced_accuracy_score(tp.labels, probs.argmax(1)))
         acc[pool] = float(np.mean(scores))
     print(f"shuffled-marker balanced accuracy: {acc}")
