@@ -27,6 +27,7 @@ from trainable.data.dataset import TASKS
 from trainable.data.augment import AUGMENT_POLICIES
 from trainable.errors import CxrtuneError
 from trainable.cam.loss import CAM_LOSS_REGIONS
+from trainable.models.featureset import POOLS
 from trainable.models.registry import UnknownBackboneError, get_spec
 from trainable.shared import TRIAL_DEFAULTS, Settings
 from trainable.train.balance import BALANCE_MODES
@@ -231,6 +232,20 @@ class SweepSpec(_Strict):
                              f"parameter a choice or a range")
         return self
 
+    @model_validator(mode="after")
+    def _lung_pool_head_stage_only(self) -> "SweepSpec":
+        # pool: lungs trains the head on lung-masked vectors of the cached maps; the fine-tuning stage
+        # and the cam_layer full-model scoring pool globally (trainable.train.finetune, trainable.cam.camlayer)
+        if "lungs" not in (_values(self.space.get("pool", TRIAL_DEFAULTS["pool"])) or []):
+            return self
+        ft = _values(self.space.get("ft_epochs", TRIAL_DEFAULTS["ft_epochs"]))
+        if ft is None or any(v > 0 for v in ft):
+            raise ValueError("space.pool: lungs needs ft_epochs: 0 (fine-tuning with lung pooling is not implemented)")
+        if self.cam_layer != "final":
+            raise ValueError(f"space.pool: lungs needs cam_layer: final (got {self.cam_layer!r}; "
+                             f"Grad-CAM at another layer with lung pooling is not implemented)")
+        return self
+
     def searched(self) -> list[str]:
         """The parameters the search draws (a choice or a range); the rest are fixed."""
         return [k for k, p in self.space.items() if isinstance(p, (Choice, Uniform, LogUniform, RandInt))]
@@ -323,13 +338,15 @@ def _check_value(key: str, value: Any) -> None:
 
 
 def _check_lever_value(key: str, value: Any) -> None:
-    """The training levers (README "Training levers"): balance, cam_loss, cam_loss_region."""
+    """The training levers (README "Training levers"): balance, cam_loss, cam_loss_region, pool."""
     if key == "balance" and value not in BALANCE_MODES:
         raise ValueError(f"balance must be one of {list(BALANCE_MODES)} (got {value!r})")
     if key == "cam_loss" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
         raise ValueError(f"cam_loss must be a number >= 0 (got {value!r})")
     if key == "cam_loss_region" and value not in CAM_LOSS_REGIONS:
         raise ValueError(f"cam_loss_region must be one of {list(CAM_LOSS_REGIONS)} (got {value!r})")
+    if key == "pool" and value not in POOLS:
+        raise ValueError(f"pool must be one of {list(POOLS)} (got {value!r})")
 
 
 def _check_ft_value(key: str, value: Any) -> None:

@@ -117,8 +117,9 @@ def resolve_data(spec: SweepSpec, data: str | None, results: Path, log: Callable
 
 
 def feature_keys(spec: SweepSpec) -> list[FeatureKey]:
-    return [FeatureKey.of({"backbone": b, "weights": w, "crop_margin": m}, spec.input_size) for b, w, m in
-            product(spec.choices("backbone"), spec.choices("weights"), spec.choices("crop_margin"))]
+    return [FeatureKey.of({"backbone": b, "weights": w, "crop_margin": m, "pool": p}, spec.input_size)
+            for b, w, m, p in product(spec.choices("backbone"), spec.choices("weights"), spec.choices("crop_margin"),
+                                      spec.choices("pool"))]
 
 
 def check_weights(spec: SweepSpec, log: Callable[[str], None]) -> None:

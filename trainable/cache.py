@@ -293,19 +293,30 @@ class FeatureStore:
     root: Path | None
     images_digest: str
 
-    def description(self, key, views: dict[str, int], seed: int, weights_sha256: str, device: str) -> dict:
-        """What a FeatureSet depends on; `key` is a `trainable.models.features.FeatureKey`."""
-        return {"key": asdict(key), "weights_sha256": weights_sha256, "device": device,
+    def description(self, key, views: dict[str, int], seed: int, weights_sha256: str, device: str,
+                    masks_digest: str | None = None) -> dict:
+        """What a FeatureSet depends on; `key` is a `trainable.models.features.FeatureKey`. A gap key's
+        description is what it was before `pool` existed (its entries still hit); a lungs key's adds
+        the lung masks (`masks_digest`) and the modules that pool with them."""
+        key_d = asdict(key)
+        modules = ("trainable.models.features", "trainable.models.fold_bn", "trainable.data.images",
+                   "trainable.models.backbones", "trainable.models.weights")
+        extra = {}
+        if key_d.pop("pool", "gap") != "gap":
+            key_d["pool"] = key.pool
+            modules += ("trainable.models.lung_features", "trainable.models.lung_pool")
+            extra = {"lung_masks": masks_digest}
+        return {"key": key_d, "weights_sha256": weights_sha256, "device": device,
                 "views": {p: (1 if p == "none" else int(n)) for p, n in sorted(views.items())},
-                "seed": int(seed), "images": self.images_digest,
-                "code": code_fingerprint(("trainable.models.features", "trainable.models.fold_bn", "trainable.data.images",
-                                          "trainable.models.backbones", "trainable.models.weights"), ("torch", "timm", "numpy"))}
+                "seed": int(seed), "images": self.images_digest, **extra,
+                "code": code_fingerprint(modules, ("torch", "timm", "numpy"))}
 
 
 def cached_features(images: np.ndarray | None, key, views: dict[str, int], seed: int,
                     store: FeatureStore | None, log: Callable[[str], None] = print, batch_size: int | None = None,
-                    compute: bool = True):
-    """`trainable.models.features.compute_features`, read from / written to the feature cache.
+                    compute: bool = True, masks: np.ndarray | None = None):
+    """`trainable.models.features.compute_features`, read from / written to the feature cache
+    (`compute_lung_features` for a `pool: lungs` key, which needs `masks`: the base-size lung masks).
 
     Random weights are never cached (their initialisation is not content-addressable). On a hit
     `images_through_backbone` is 0 and `seconds` the time to read; `extra["cache"]` says which.
@@ -313,20 +324,28 @@ def cached_features(images: np.ndarray | None, key, views: dict[str, int], seed:
     """
     import torch
 
-    from trainable.models.features import compute_features
     from trainable.models.featureset import FeatureSet
     from trainable.models.weights import resolve_weights
+
+    def build_features():
+        if key.pool == "lungs":
+            from trainable.models.lung_features import compute_lung_features
+
+            return compute_lung_features(images, masks, key, views, seed, batch_size)
+        from trainable.models.features import compute_features
+
+        return compute_features(images, key, views, seed, batch_size)
 
     weights_sha = None if key.weights == "random" else resolve_weights(key.backbone, key.weights).sha256
     if store is None or store.root is None or not weights_sha:
         if not compute:
             return None
-        fs = compute_features(images, key, views, seed, batch_size)
+        fs = build_features()
         fs.extra["cache"] = "off"
         return fs
 
     def build() -> tuple[dict[str, np.ndarray], dict]:
-        fs = compute_features(images, key, views, seed, batch_size)
+        fs = build_features()
         arrays = {"maps": fs.maps, **{f"pooled.{p}": v for p, v in fs.pooled.items()}}
         info = {"preprocessing": fs.preprocessing, "target_layer": fs.target_layer,
                 "weights_info": fs.weights_info, "seconds": fs.seconds,
@@ -335,7 +354,8 @@ def cached_features(images: np.ndarray | None, key, views: dict[str, int], seed:
 
     # `feature_maps` runs on a GPU under float16 autocast when it sees one: other numbers, other entry
     device = "cuda-fp16-autocast" if torch.cuda.is_available() else "cpu-fp32"
-    description = store.description(key, views, seed, weights_sha, device)
+    masks_digest = None if masks is None or key.pool == "gap" else array_digest(np.packbits(masks, axis=-1))
+    description = store.description(key, views, seed, weights_sha, device, masks_digest)
     cache = DiskCache(store.root, "features", log)
     e = cache.get_or_create(description, build) if compute else cache.get(description)
     if e is None:

@@ -1,7 +1,9 @@
 """Entry point 3 of 3: export a trial's configuration as a model users can load, and load it.
 
 An export directory holds
-  model.pt       state_dict of `Classifier` (backbone + global-average-pool + head)
+  model.pt       state_dict of `Classifier` (backbone + global-average-pool + head), or of
+                 `LungPoolClassifier` for `pool: lungs` (lung-masked pooling, the atlas lung region at
+                 the map grid as a buffer; `trainable.models.lung_pool`)
   metadata.json  backbone name and the exact timm architecture + pretrained tag it resolved to
                  (`timm_arch`, `timm_tag`; load_model builds exactly that), weights provenance, classes, preprocessing (base size, crop,
                  input size, mean/std, channels), Grad-CAM target layer (dotted name in the
@@ -26,6 +28,7 @@ from trainable.model_dir import check_model_dir
 from trainable.models.backbones import build_backbone
 from trainable.models.featureset import FeatureSet
 from trainable.models.head import Classifier, Head
+from trainable.models.lung_pool import atlas_cell_weights, pooled_classifier
 from trainable.models.registry import UnknownBackboneError, get_spec
 from trainable.progress import track
 from trainable.shared import Prepared, with_defaults
@@ -66,12 +69,17 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
     config = with_defaults(config)
     fs = prepared.features_for(config)
     n_ft = ft_epochs_to_refit(config, prepared, epochs, metrics)
+    if n_ft and config["pool"] != "gap":
+        raise ValueError("pool: lungs with ft_epochs > 0: fine-tuning with lung pooling is not implemented")
     head = refit_head(config, prepared, fs, max(1, min(epochs, prepared.settings.epochs)))
     backbone = build_backbone(config["backbone"], config["weights"])
     if n_ft:  # the fine-tuned backbone and head go into model.pt (trainable.train.finetune)
         model, kept = finetune_all(config, prepared, fs, head, n_ft)
-    else:
-        model = Classifier(backbone.model, head).eval()
+    else:  # pool: lungs: forward(x) pools over the atlas lungs aligned to the crop unless given a mask
+        s, grid = prepared.settings, tuple(fs.maps.shape[2:])
+        lung = None if config["pool"] == "gap" else atlas_cell_weights(
+            s.base_size, s.atlas_threshold, float(config["crop_margin"]), s.input_size, *grid)
+        model = pooled_classifier(config["pool"], backbone.model, head, lung).eval()
     meta = {
         "format": "cxrtune-model/1",
         "backbone": config["backbone"],
@@ -84,6 +92,7 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
         "preprocessing": {**fs.preprocessing, "base_size": prepared.settings.base_size,
                           "grayscale": True, "value_range": "[0, 1] before mean/std"},
         "target_layer": f"backbone.{backbone.target_layer}",
+        "pool": config["pool"], "pool_grid": list(fs.maps.shape[2:]),   # load_model rebuilds the pooling
         "edge_band": prepared.settings.edge_band,
         # how CV scored Grad-CAM and groups: evaluate, held-out scoring and the montages score the same way
         "scoring": {k: getattr(prepared.settings, k) for k in
@@ -149,7 +158,9 @@ def load_model(model_dir: str | Path) -> tuple[Classifier, dict]:
     except UnknownBackboneError as e:
         raise ModelError(f"{model_dir / 'metadata.json'}: {e}") from None
     head = Head(meta["num_features"], meta["hidden"], len(meta["classes"]), meta["dropout"])
-    model = Classifier(backbone.model, head)
+    pool = meta.get("pool", "gap")  # exports from before `pool` existed are gap
+    lung = torch.zeros(*meta["pool_grid"]) if pool == "lungs" else None  # the buffer comes from model.pt
+    model = pooled_classifier(pool, backbone.model, head, lung)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a torn or foreign file

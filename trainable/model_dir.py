@@ -37,6 +37,11 @@ def read_metadata(model_dir: Path) -> dict:
     for key in ("timm_arch", "timm_tag"):  # optional (older exports lack them); load_model builds timm_arch
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise ModelError(f"{meta_file}: {key} must be a string or null (got {meta[key]!r})")
+    pool = meta.get("pool", "gap")  # optional: exports from before `pool` existed are gap
+    if pool not in ("gap", "lungs"):
+        raise ModelError(f"{meta_file}: pool must be 'gap' or 'lungs' (got {pool!r})")
+    if pool == "lungs" and not (isinstance(meta.get("pool_grid"), list) and len(meta["pool_grid"]) == 2):
+        missing.append("pool_grid")
     if missing:
         raise ModelError(f"{meta_file}: missing field(s) {', '.join(missing)}: not a complete cxrtune "
                          f"export (export it again)")

@@ -27,9 +27,9 @@ from trainable.shared import Prepared, Settings
 
 
 def _feature_task(images: np.ndarray, key: FeatureKey, views: dict[str, int], seed: int,
-                  store: FeatureStore | None = None) -> tuple[dict, FeatureSet]:
+                  store: FeatureStore | None = None, masks: np.ndarray | None = None) -> tuple[dict, FeatureSet]:
     notes: list[str] = []  # the cache's messages (a corrupt entry rebuilt), shown by the driver
-    fs = cached_features(images, key, views, seed, store, log=notes.append)
+    fs = cached_features(images, key, views, seed, store, log=notes.append, masks=masks)
     return _summary(key, fs) | {"notes": notes}, fs
 
 
@@ -55,6 +55,7 @@ class SharedArrays(NamedTuple):
     images: np.ndarray
     store: FeatureStore
     fields: dict
+    masks: np.ndarray | None = None   # bool (N, S, S) base-size lung masks, kept only for `pool: lungs` keys
 
 
 def shared_arrays(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKey],
@@ -86,7 +87,9 @@ def shared_arrays(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
                   patients=fold_groups(dataset),  # duplicates merged: the inner split keeps pairs together
                   data_hash=dataset.content_hash())
     timings = {"decode_s": t_decode, "decode_cache_hit": float(decoded.hit)}
-    return SharedArrays(images, FeatureStore(root, decoded.digest), fields | {"timings": timings})
+    lung_pooled = any(k.pool == "lungs" for k in keys)  # their feature pass warps the masks with each view
+    return SharedArrays(images, FeatureStore(root, decoded.digest), fields | {"timings": timings},
+                        masks if lung_pooled else None)
 
 
 def group_values(dataset: Dataset, column: str) -> np.ndarray:
@@ -102,11 +105,12 @@ def prepare_local(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
                   augment_policies: Iterable[str], progress: Callable[[str], None] = print) -> Prepared:
     """The same as `prepare_sweep`, computed in this process (no Ray): for select/export after a sweep."""
     keys = sorted(set(keys), key=str)
-    images, store, fields = shared_arrays(dataset, settings, keys, progress)
+    images, store, fields, masks = shared_arrays(dataset, settings, keys, progress)
     views = {p: settings.views for p in sorted(set(augment_policies))}
     features = {}
     for k in keys:
-        summary, features[str(k)] = _feature_task(images, k, views, settings.seed, store)
+        summary, features[str(k)] = _feature_task(images, k, views, settings.seed, store,
+                                                  masks if k.pool == "lungs" else None)
         progress(_feature_line(summary))
     fields["timings"]["feature_cache_hits"] = float(sum(fs.extra.get("cache") == "hit" for fs in features.values()))
     return Prepared(features=features, images=images, **fields)
@@ -125,8 +129,8 @@ class FeatureWorker:
         from trainable.models import features  # noqa: F401
 
     def compute(self, images: np.ndarray, key: FeatureKey, views: dict[str, int], seed: int,
-                store: FeatureStore | None) -> tuple[dict, FeatureSet]:
-        return _feature_task(images, key, views, seed, store)
+                store: FeatureStore | None, masks: np.ndarray | None = None) -> tuple[dict, FeatureSet]:
+        return _feature_task(images, key, views, seed, store, masks)
 
 
 def _worker_count(n_keys: int, cpus: float, gpus: float) -> int:
@@ -167,13 +171,15 @@ def prepare_sweep(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
 def _prepare_with(workers: list, dataset: Dataset, settings: Settings, keys: list[FeatureKey],
                   augment_policies: Iterable[str], progress: Callable[[str], None],
                   shared: SharedArrays | None) -> Prepared:
-    images, store, fields = shared or shared_arrays(dataset, settings, keys, progress)
+    images, store, fields, masks = shared or shared_arrays(dataset, settings, keys, progress)
     views = {p: settings.views for p in sorted(set(augment_policies))}
     images_ref = ray.put(images)  # once per sweep: feature workers and full-path trials read it zero-copy
+    masks_ref = None if masks is None else ray.put(masks)  # pool: lungs keys only
     refs: dict[str, object] = {}
     hits, t1, missing = 0, time.perf_counter(), []
     for k in keys:
-        cached = cached_features(None, k, views, settings.seed, store, progress, compute=False)
+        cached = cached_features(None, k, views, settings.seed, store, progress, compute=False,
+                                 masks=masks if k.pool == "lungs" else None)
         if cached is not None:  # on disk already: no backbone
             refs[str(k)] = ray.put(cached)
             progress(_feature_line(_summary(k, cached)))
@@ -183,7 +189,8 @@ def _prepare_with(workers: list, dataset: Dataset, settings: Settings, keys: lis
     summaries = []
     for worker, queue in zip(workers, _by_backbone(missing, len(workers))):
         for k in queue:  # an actor runs its calls one after another
-            summary, features = worker.compute.options(num_returns=2).remote(images_ref, k, views, settings.seed, store)
+            summary, features = worker.compute.options(num_returns=2).remote(
+                images_ref, k, views, settings.seed, store, masks_ref if k.pool == "lungs" else None)
             refs[str(k)] = features
             summaries.append(summary)
     if summaries:

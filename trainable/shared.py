@@ -30,6 +30,9 @@ TRIAL_DEFAULTS: dict[str, object] = {
     # Grad-CAM loss of the head stage (trainable.cam.loss): lambda x share of |signed evidence| outside the region
     "cam_loss": 0.0,
     "cam_loss_region": "outside_lungs",   # outside_lungs | edge (the border band outside the lungs)
+    # how the head pools the backbone's maps: gap (global average) | lungs (weighted by the lung mask's
+    # share of each map cell: trainable.models.lung_pool); lungs: head stage only (no ft_epochs)
+    "pool": "gap",
     "oversample": False,      # minority class twice per epoch, the copy augmented (trainable.train.oversample)
     # fine-tuning stage after the head epochs (trainable.train.finetune); ft_epochs 0 = none
     "ft_epochs": 0,

@@ -108,13 +108,14 @@ def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_s
         sl = slice(s, s + batch_size)
         x = to_model_input(geometry(images[sl], margin, input_size), int(pre["in_chans"]),
                            tuple(pre["mean"]), tuple(pre["std"]))
+        lm = mask_geometry(masks[sl], margin, input_size)
         with torch.no_grad():
             maps = model.backbone(x).float()
-            probs.append(torch.softmax(model.head(maps.mean(dim=(2, 3))), 1).numpy())
-        lm = mask_geometry(masks[sl], margin, input_size)
+            pooled = model.pool(maps, lm)  # pool: lungs: each image's mask, as the sweep scored with
+            probs.append(torch.softmax(model.head(pooled), 1).numpy())
         targets = cam_targets(str(scoring["cam_target"]), y[sl], probs[-1], tuple(classes))
         if cam is None:   # the exact formula from the last maps, as CV's fast path
-            a, b = explanation_scores(model.head, maps, targets, lm, edge)
+            a, b = explanation_scores(model.head, maps, targets, lm, edge, pooled=pooled)
             grid = tuple(maps.shape[2:])
         else:             # the sweep's cam_layer: full-model Grad-CAM at that layer, as CV's LayerCam
             a, b = cam.masses(model.head, images[sl], targets, lm, edge)

@@ -101,16 +101,20 @@ def trial_cams(prepared: Prepared, config: dict, heads: list[dict], picks: np.nd
             model, cam = models[k]
             head = model.head
             probs, maps = predict_with_maps(model, image, fs.preprocessing, margin, size)
+            pooled = None   # fine-tuning pools globally (space: pool lungs needs ft_epochs 0)
         else:
             head = Head(fs.maps.shape[1], int(config["hidden"]), len(prepared.classes), float(config["dropout"]))
             head.load_state_dict(heads[fold_of[i]])
             cam = frozen_cam
             maps = torch.from_numpy(fs.maps[i:i + 1].astype(np.float32))
-            probs = predict_proba(head, maps.mean(dim=(2, 3)))
+            # pool: lungs: the cached lung-masked vector of view 0 (the head's input; Grad-CAM stays exact)
+            pooled = maps.mean(dim=(2, 3)) if config["pool"] == "gap" else \
+                torch.tensor(fs.pooled[config["augment"]][0][i:i + 1])   # a copy: object-store arrays are read-only
+            probs = predict_proba(head, pooled)
         preds.append(int(probs.argmax()))
         target = cam_targets(s.cam_target, prepared.labels[i:i + 1], probs, prepared.classes)
         if cam is None:
-            cams.append(normalise_and_resize(gradcam_from_maps(head, maps, target), size)[0].detach().numpy())
+            cams.append(normalise_and_resize(gradcam_from_maps(head, maps, target, pooled), size)[0].detach().numpy())
         else:  # the sweep's cam_layer: full-model Grad-CAM at that layer, as CV's LayerCam
             cams.append(cam.cams(head, image, target)[0].numpy())
     cams_arr = np.stack(cams)

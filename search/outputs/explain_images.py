@@ -65,9 +65,12 @@ def _explain_one(model: torch.nn.Module, meta: dict, image: Path, mask_file: Pat
     x = preprocess_image(gray, meta)
     with torch.no_grad():
         maps = model.backbone(x)
-        probs = model.head(maps.mean(dim=(2, 3))).softmax(1)[0].numpy()
+        # pool: lungs: the given mask, else the model's own atlas region (what forward(x) uses)
+        pooled = model.pool(maps, lung if mask_file is not None else None)
+        probs = model.head(pooled).softmax(1)[0].numpy()
     t = int(probs.argmax()) if target == "predicted" else classes.index(target)
-    cam = normalise_and_resize(gradcam_from_maps(model.head, maps, torch.tensor([t])), size)[0].detach().numpy()
+    cam = normalise_and_resize(gradcam_from_maps(model.head, maps, torch.tensor([t]), pooled),
+                               size)[0].detach().numpy()
     lung_mass, edge_mass = region_masses(cam[None], lung, edge)
     stem = image.stem
     np.save(stage / f"{stem}.cam.npy", cam.astype(np.float32))

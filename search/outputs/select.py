@@ -83,7 +83,7 @@ def local_prepared(results: Path, spec: SweepSpec, saved: dict, rows: list[pd.Se
     """Recompute, in this process, only the features the given trials need."""
     dataset = sweep_dataset(saved, spec)
     dataset = search_dataset(results, spec, dataset)  # never the held-out patients (heldout.json)
-    keys = [FeatureKey.of({k: r[k] if k in r else spec.choices(k)[0] for k in ("backbone", "weights", "crop_margin")},
+    keys = [FeatureKey.of({k: r[k] if k in r else spec.choices(k)[0] for k in ("backbone", "weights", "crop_margin", "pool")},
                           spec.input_size) for r in rows]
     augments = {str(r["augment"]) if "augment" in r else str(spec.choices("augment")[0]) for r in rows}
     prepared = prepare_local(dataset, spec.settings(), keys, augments, progress=log)

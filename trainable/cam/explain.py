@@ -2,7 +2,9 @@
 
 For a head on global-average-pooled features g = mean_ij A_ij, the Grad-CAM channel weight is
 alpha_k = mean_ij ∂y/∂A_kij = (1/Z)·∂y/∂g_k, so CAM = ReLU(Σ_k alpha_k·A^k) needs only the cached
-maps A and one backward pass through the head. The map is then post-processed exactly as
+maps A and one backward pass through the head. The same holds for lung-masked pooling
+g = Σ w A / Σ w (`pool: lungs`, `trainable.models.lung_pool`): mean_ij ∂y/∂A_kij = (1/Z)·∂y/∂g_k,
+with ∂y/∂g taken at the lung-pooled g (pass it as `pooled`). The map is then post-processed exactly as
 pytorch-grad-cam does (min-max per image, bilinear resize to the input), so both paths agree
 (`tests/test_explain.py` checks it against the library on the full model).
 
@@ -206,8 +208,9 @@ class GridScorer:
 
 
 def explanation_scores(head: torch.nn.Module, maps: torch.Tensor, targets: torch.Tensor,
-                       lung_masks: np.ndarray, edge: np.ndarray, batch_size: int = 256
-                       ) -> tuple[np.ndarray, np.ndarray]:
+                       lung_masks: np.ndarray, edge: np.ndarray, batch_size: int = 256,
+                       pooled: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-image (lung_mass, edge_mass) of the Grad-CAM for `targets` (`GridScorer`, built for
-    these images' masks)."""
-    return GridScorer(lung_masks, edge, maps.shape[2], maps.shape[3], batch_size).scores(head, maps, targets)
+    these images' masks). `pooled`: the head's input when it is not the maps' mean (`pool: lungs`)."""
+    return GridScorer(lung_masks, edge, maps.shape[2], maps.shape[3], batch_size).scores(
+        head, maps, targets, pooled=pooled)

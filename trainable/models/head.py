@@ -28,8 +28,12 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.head = head
 
+    def pool(self, maps: torch.Tensor, lung: object = None) -> torch.Tensor:
+        """Global average pooling (`pool: gap`); `lung` is ignored (`LungPoolClassifier` uses it)."""
+        return maps.mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x).mean(dim=(2, 3)))
+        return self.head(self.pool(self.backbone(x)))
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
