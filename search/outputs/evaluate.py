@@ -38,6 +38,7 @@ from trainable.errors import DataError
 from trainable.export import load_model
 from trainable.model_dir import check_model_dir
 from trainable.models.features import inference_batch_size
+from trainable.train.groups import group_cells, group_metrics
 from trainable.train.lockstep import cam_targets
 from trainable.train.metrics import auc
 
@@ -138,6 +139,8 @@ def evaluate_dataset(model_dir: str | Path, dataset: Dataset, data: str, batch_s
     result.update(scores(y, p, classes, lung_mass, edge_mass, lung_area))
     result["metrics"]["focus"] = focus(lung_mass, edge_mass, reference)
     result["by_source"] = _by_group(dataset.table["source"].astype(str).to_numpy(), y, p, lung_mass, edge_mass)
+    result.update(_group_scores(dataset, y, p, classes, scoring))
+    result["metrics"].update(result.get("group_metrics", {}))
     result["per_image"] = [
         {"id": i, "label": classes[t], "predicted": classes[int(pr.argmax())],
          "probabilities": [round(float(v), 5) for v in pr], "lung_mass": round(float(lm), 5),
@@ -194,6 +197,18 @@ def _by_group(groups: np.ndarray, y: np.ndarray, probs: np.ndarray, lung: np.nda
     return out
 
 
+def _group_scores(dataset: Dataset, y: np.ndarray, probs: np.ndarray, classes: list[str], scoring: dict) -> dict:
+    """Worst-group accuracy and within-group AUC over the sweep's `group_column` × class cells, as CV
+    computes them (its `min_cell`), with every cell's n; nothing when the data lacks the column."""
+    column = scoring.get("group_column")
+    if not column or column not in dataset.table:
+        return {}
+    groups = dataset.table[column].astype(str).to_numpy()
+    gm = group_metrics(y, probs, groups, tuple(classes), min_cell=int(scoring.get("min_cell", 1)))
+    return {"group_column": column, "group_metrics": {k: gm[k] for k in ("worst_group_accuracy", "within_group_auc")},
+            "group_cells": group_cells(y, groups, tuple(classes))}
+
+
 def _same_data(dataset: Dataset, data_hash: str | None) -> bool:
     if not data_hash:
         return False
@@ -234,6 +249,11 @@ def report_lines(result: dict) -> list[str]:
     lines.append(" " * (cw + 2) + "  ".join(f"{c:>{cw}}" for c in classes))
     for c, row in zip(classes, result["confusion_matrix"]["rows_true_columns_predicted"]):
         lines.append(f"{c:<{cw}}  " + "  ".join(f"{v:>{cw}d}" for v in row))
+    if "group_metrics" in result:
+        g = result["group_metrics"]
+        lines.append(f"by {result['group_column']} × class (min_cell {sc.get('min_cell', 1)}): worst-group accuracy "
+                     f"{g['worst_group_accuracy']:.3f} · within-group AUC {g['within_group_auc']:.3f} · cells "
+                     + ", ".join(f"{k} n={n}" for k, n in result["group_cells"].items()))
     if result["by_source"]:
         lines.append("by source: " + " · ".join(
             f"{g}: {r['images']} images, accuracy {r['accuracy']:.3f}, lung_mass {r['lung_mass']:.3f}"

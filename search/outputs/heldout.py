@@ -27,7 +27,7 @@ from trainable.cache import cache_root
 from trainable.data.dataset import Dataset
 from trainable.data.duplicates import merge_duplicates
 from trainable.data.holdout import Holdout, split_holdout
-from trainable.train.groups import cell_key, group_metrics
+from trainable.train.groups import group_cells, group_metrics
 
 
 def search_split(spec: SweepSpec, dataset: Dataset, log: Callable[[str], None] = lambda m: None) -> Holdout:
@@ -88,8 +88,7 @@ def score_model(model_dir: Path, split: Holdout, spec: SweepSpec, log: Callable[
     # every cell, however small, is listed too, each with its n (`group_cells`, same keys)
     gm = group_metrics(y, probs, groups, tuple(classes), min_cell=spec.min_cell)
     every = group_metrics(y, probs, groups, tuple(classes), min_cell=1)
-    cells = {cell_key(g, c): int(((groups == g) & (y == k)).sum())
-             for g in sorted(set(groups.tolist())) for k, c in enumerate(classes) if ((groups == g) & (y == k)).any()}
+    cells = group_cells(y, groups, tuple(classes))
     cv = meta.get("cv_metrics", {})
     return {"trial_id": cv.get("trial_id"), "config": meta.get("config", {}),
             "metrics": r["metrics"] | {k: gm[k] for k in ("worst_group_accuracy", "within_group_auc")},

@@ -21,6 +21,12 @@ def cell_key(group: object, class_name: str) -> str:
     return f"recall_{_slug(group)}_{_slug(class_name)}"
 
 
+def group_cells(y: np.ndarray, groups: np.ndarray, classes: tuple[str, ...]) -> dict[str, int]:
+    """Images per (group × class) cell that holds any, keyed as `group_metrics`' recalls (`cell_key`)."""
+    return {cell_key(g, c): int(((groups == g) & (y == k)).sum())
+            for g in sorted(set(groups.tolist())) for k, c in enumerate(classes) if ((groups == g) & (y == k)).any()}
+
+
 def group_metrics(y: np.ndarray, probs: np.ndarray, groups: np.ndarray, classes: tuple[str, ...],
                   min_cell: int = 5) -> dict[str, float]:
     """Recall per (group × class) cell with >= `min_cell` images, their minimum
