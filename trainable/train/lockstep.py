@@ -68,7 +68,7 @@ def lockstep_epoch(stage: Stage, prepared: Prepared, epoch: int, final: bool = F
 def cam_targets(target: str, labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> torch.Tensor:
     """The class each image's Grad-CAM explains: its true class, the predicted one, or a named class."""
     if target == "true":
-        return torch.as_tensor(labels)
+        return torch.tensor(labels)   # a copy: labels may be a read-only object-store array
     if target == "predicted":
         return torch.as_tensor(probs.argmax(1))
     return torch.full((len(labels),), classes.index(target), dtype=torch.long)
