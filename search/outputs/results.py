@@ -94,7 +94,8 @@ def leaderboard_markdown(df: pd.DataFrame, metric: str, searched: list[str], tit
     cols = ["trial_id", *searched, "epochs_run", "stopped_early", f"best_{metric}", f"final_{metric}",
             "best_focus", "best_lung_mass", "best_edge_mass", "best_worst_group_accuracy", "best_within_group_auc",
             "best_objective", "pareto"]
-    table = ok[[c for c in cols if c in ok]].copy()
+    # dict.fromkeys: a group metric as the objective's metric would otherwise be a duplicate column
+    table = ok[[c for c in dict.fromkeys(cols) if c in ok]].copy()
     for c in table.columns:
         if table[c].dtype.kind == "f":
             table[c] = table[c].map(lambda v: f"{v:.4g}")
