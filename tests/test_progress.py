@@ -70,3 +70,20 @@ def test_rich_bar_when_asked_and_no_plain_lines() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "bar demo" in proc.stdout and "finished" in proc.stdout
     assert not _lines(proc.stdout, "bar demo")
+
+
+def test_trial_lines_count_each_trials_own_fine_tuning_budget() -> None:
+    """A sweep mixing ft_epochs 0 and 2: a head-only trial that ran its 6 epochs "ran", it was not
+    stopped; a fine-tuned one cut at 6 of its 8 was."""
+    from ray.tune.experiment import Trial
+
+    from search.callbacks.progress import ProgressLine
+
+    lines: list[str] = []
+    progress = ProgressLine(total=2, epochs=6, metric="auc", log=lines.append)
+    for ft in (0, 2):
+        trial = Trial("cxrtune", config={"ft_epochs": ft}, trial_id=f"t{ft}", stub=True)
+        progress.on_trial_result(0, [], trial, {"training_iteration": 6, "objective": 0.5, "auc": 0.9})
+        progress.on_trial_complete(0, [], trial)
+    assert "trial t0 ran 6 epochs" in lines[0] and "0 stopped" in lines[0], lines
+    assert "trial t2 stopped after 6/8 epochs" in lines[1] and "1 stopped" in lines[1], lines

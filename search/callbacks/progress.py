@@ -11,6 +11,7 @@ class ProgressLine(tune.Callback):
     """Prints `[done/total] trial … epochs … objective … | best … | ETA` as trials end."""
 
     def __init__(self, total: int, epochs: int, metric: str, log: Callable[[str], None]) -> None:
+        # epochs: the head epochs; a trial's own budget adds its ft_epochs (as trials.csv's stopped_early)
         self.total, self.epochs, self.metric, self.log = total, epochs, metric, log
         self.start = time.time()
         self.last: dict[str, dict] = {}
@@ -32,10 +33,11 @@ class ProgressLine(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         r = self.last.get(trial.trial_id, {})
         epochs = r.get("training_iteration", 0)
-        early = epochs < self.epochs
+        planned = self.epochs + int((trial.config or {}).get("ft_epochs", 0) or 0)
+        early = epochs < planned
         self.done += 1
         self.stopped += early
-        how = f"stopped by ASHA after {epochs}/{self.epochs} epochs" if early else f"ran {epochs} epochs"
+        how = f"stopped after {epochs}/{planned} epochs" if early else f"ran {epochs} epochs"
         self._line(f"trial {trial.trial_id} {how}: {self.metric} {r.get(self.metric, float('nan')):.3f}, "
                    f"lung {r.get('lung_mass', float('nan')):.2f}, edge {r.get('edge_mass', float('nan')):.2f}, "
                    f"objective {r.get('objective', float('nan')):.3f}")
