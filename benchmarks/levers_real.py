@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -37,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download weights in a benchmark
 
-from real_cxr import ADULT_NON_COVID, DEFAULT_DATA, DEFAULT_OUT, task_summary
+from real_cxr import ADULT_NON_COVID, DEFAULT_DATA, DEFAULT_OUT, plain, task_summary
+from real_cxr import fmt_value as f
 
 SPACE = ROOT / "spaces" / "rightreasons-cpu.yaml"
 TASK = "covid_vs_rest"
@@ -292,28 +292,6 @@ def levers_markdown(s: dict) -> str:
     lines += ["", "Target (issue 15): worst_group_accuracy ≥ 0.5 at CV balanced accuracy ≥ 0.90 — "
               + (f"reached by {', '.join(hits)}." if hits else "**not reached** by any arm or sweep trial."), ""]
     return "\n".join(lines)
-
-
-def f(v: object, fmt: str = ".3f") -> str:
-    try:
-        v = float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return "—"
-    return "—" if not math.isfinite(v) else format(v, fmt)
-
-
-def plain(o: object) -> object:
-    import numpy as np
-
-    if isinstance(o, dict):
-        return {str(k): plain(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [plain(v) for v in o]
-    if isinstance(o, (np.integer, np.floating, np.bool_)):
-        o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     md = summary_markdown(summary)
     (out / "summary.md").write_text(md)
-    (out / "summary.json").write_text(json.dumps(_plain(summary), indent=1, allow_nan=False))
+    (out / "summary.json").write_text(json.dumps(plain(summary), indent=1, allow_nan=False))
     print("\n" + md)
     print(f"written: {out}/summary.md, summary.json, <task>/ (sweeps with models and montages: {sweeps}, git-ignored)")
     return 0
@@ -149,7 +149,7 @@ def task_summary(results: Path, spec, wall_s: float, dest: Path) -> dict:
         h = held.get(role) or {}
         hm = h.get("metrics", {})
         rows[role] = {
-            "trial_id": tid, "backbone": r.get("backbone"), "config": {k: _plain(r[k]) for k in spec.space if k in r},
+            "trial_id": tid, "backbone": r.get("backbone"), "config": {k: plain(r[k]) for k in spec.space if k in r},
             "cv_balanced_accuracy": r.get("best_balanced_accuracy"), "cv_auc": r.get("best_auc"),
             "cv_covid_recall": _recall(confusion.get(tid), "covid"),
             "test_balanced_accuracy": hm.get("balanced_accuracy"), "test_auc": hm.get("auc"),
@@ -171,7 +171,7 @@ def task_summary(results: Path, spec, wall_s: float, dest: Path) -> dict:
                    "edge_mass": "edge_mass", "lung_enrichment": "lung_enrichment",
                    "worst_group_accuracy": "worst_group_accuracy", "within_group_auc": "within_group_auc",
                    "adult_non_covid_recall": f"recall_{group}_{cell_class}"}
-        rows["metric-best"].update({k: _plain(peak[c]) for k, c in at_peak.items() if c in peak.index},
+        rows["metric-best"].update({k: plain(peak[c]) for k, c in at_peak.items() if c in peak.index},
                                    epoch=mb_epoch)
         if mb_epoch != int(mb["best_epoch"]):  # confusion.json holds the objective-best epoch's matrix
             rows["metric-best"]["cv_covid_recall"] = None
@@ -215,7 +215,7 @@ def _copy_files(results: Path, dest: Path, test: dict, metric_best_held: dict | 
                 else v) for k, v in test.items()}
     if metric_best_held is not None:
         slim["metric_best"] = {k: v for k, v in metric_best_held.items() if k != "per_image"}
-    (dest / "test_metrics.json").write_text(json.dumps(_plain(slim), indent=1, allow_nan=False))
+    (dest / "test_metrics.json").write_text(json.dumps(plain(slim), indent=1, allow_nan=False))
 
 
 def _plots(results: Path, trials, history, metric: str, roles: dict, dest: Path) -> None:
@@ -258,19 +258,19 @@ def summary_markdown(summary: dict) -> str:
         for role, r in t["roles"].items():
             n = r.get("test_adult_non_covid_images")
             lines.append(
-                f"| {role} | {r['trial_id']} | {r['backbone']} | {r.get('epoch', '—')} | {_f(r['cv_balanced_accuracy'])} | {_f(r['cv_auc'])} "
-                f"| {_f(r['cv_covid_recall'])} | {_f(r['test_balanced_accuracy'])} | {_f(r['test_auc'])} "
-                f"| {_f(r['test_covid_recall'])} | {_f(r['lung_mass'])} | {_f(r['edge_mass'])} "
-                f"| {_f(r['lung_enrichment'], '.2f')} | {_f(r['worst_group_accuracy'])} "
-                f"| {_f(r['adult_non_covid_recall'])} / {_f(r['test_adult_non_covid_recall'])}"
-                f"{f' (n={n})' if n else ''} | {_f(r['within_group_auc'])} / {_f(r['test_within_group_auc'])} |")
+                f"| {role} | {r['trial_id']} | {r['backbone']} | {r.get('epoch', '—')} | {fmt_value(r['cv_balanced_accuracy'])} | {fmt_value(r['cv_auc'])} "
+                f"| {fmt_value(r['cv_covid_recall'])} | {fmt_value(r['test_balanced_accuracy'])} | {fmt_value(r['test_auc'])} "
+                f"| {fmt_value(r['test_covid_recall'])} | {fmt_value(r['lung_mass'])} | {fmt_value(r['edge_mass'])} "
+                f"| {fmt_value(r['lung_enrichment'], '.2f')} | {fmt_value(r['worst_group_accuracy'])} "
+                f"| {fmt_value(r['adult_non_covid_recall'])} / {fmt_value(r['test_adult_non_covid_recall'])}"
+                f"{f' (n={n})' if n else ''} | {fmt_value(r['within_group_auc'])} / {fmt_value(r['test_within_group_auc'])} |")
         lines += ["", "Per backbone (its best trial on CV balanced accuracy; wall = mean trial time):", "",
                   "| backbone | trials | mean epochs | best CV bal. acc. | CV AUC | CV COVID recall | lung_mass "
                   "| edge_mass | mean trial wall s |", "|---" * 9 + "|"]
         for b, r in t["per_backbone"].items():
-            lines.append(f"| {b} | {r['trials']} | {r['epochs_run_mean']:.1f} | {_f(r['cv_balanced_accuracy'])} "
-                         f"| {_f(r['cv_auc'])} | {_f(r['cv_covid_recall'])} | {_f(r['lung_mass'])} "
-                         f"| {_f(r['edge_mass'])} | {_f(r['mean_trial_wall_s'], '.1f')} |")
+            lines.append(f"| {b} | {r['trials']} | {r['epochs_run_mean']:.1f} | {fmt_value(r['cv_balanced_accuracy'])} "
+                         f"| {fmt_value(r['cv_auc'])} | {fmt_value(r['cv_covid_recall'])} | {fmt_value(r['lung_mass'])} "
+                         f"| {fmt_value(r['edge_mass'])} | {fmt_value(r['mean_trial_wall_s'], '.1f')} |")
         tm = t.get("timings", {})
         lines += ["", f"Decode {tm.get('decode_s', float('nan')):.0f} s, features "
                       f"{tm.get('features_s', float('nan')):.0f} s (feature cache hits: "
@@ -279,7 +279,8 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _f(v: object, fmt: str = ".3f") -> str:
+def fmt_value(v: object, fmt: str = ".3f") -> str:
+    """`v` formatted, or — when it is missing or not finite (shared with levers_real.py)."""
     try:
         v = float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -287,13 +288,14 @@ def _f(v: object, fmt: str = ".3f") -> str:
     return "—" if not math.isfinite(v) else format(v, fmt)
 
 
-def _plain(o: object) -> object:
+def plain(o: object) -> object:
+    """`o` as plain JSON values (numpy scalars unwrapped, NaN → None)."""
     import numpy as np
 
     if isinstance(o, dict):
-        return {str(k): _plain(v) for k, v in o.items()}
+        return {str(k): plain(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_plain(v) for v in o]
+        return [plain(v) for v in o]
     if isinstance(o, (np.integer, np.floating, np.bool_)):
         o = o.item()
     if isinstance(o, float) and not math.isfinite(o):
