@@ -36,7 +36,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download weights in a benchmark
 
-from real_cxr import ADULT_NON_COVID, DEFAULT_DATA, DEFAULT_OUT, plain, task_summary
+from real_cxr import (
+    ADULT_NON_COVID,
+    DEFAULT_DATA,
+    DEFAULT_OUT,
+    ignore_sweeps,
+    plain,
+    task_summary,
+)
 from real_cxr import fmt_value as f
 
 SPACE = ROOT / "spaces" / "rightreasons-cpu.yaml"
@@ -81,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     sweeps = out / "sweeps"
     sweeps.mkdir(parents=True, exist_ok=True)
-    if not (out / ".gitignore").exists():
-        (out / ".gitignore").write_text("# models and Grad-CAM montages of real patients stay out of git\nsweeps/\n")
+    ignore_sweeps(out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = yaml.safe_load(SPACE.read_text())
     base.update(task=TASK, folds=args.folds, epochs=args.epochs, holdout=args.holdout, seed=args.seed,

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     sweeps = out / "sweeps"
     sweeps.mkdir(parents=True, exist_ok=True)
-    _gitignore(out)
+    ignore_sweeps(out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     start_ray(None, print)
     summary: dict = {"data": str(data), "base_space": BASE_SPACE.name, "command": " ".join(["python", *sys.argv]),
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _gitignore(out: Path) -> None:
+def ignore_sweeps(out: Path) -> None:
+    """A .gitignore in `out` that keeps sweeps/ (models, montages of real patients) out of git."""
     path = out / ".gitignore"
     if not path.exists():
         path.write_text("# the sweeps (models, Grad-CAM montages of real patients, report.html) stay out of git\n"

@@ -296,8 +296,8 @@ class FeatureStore:
     def description(self, key, views: dict[str, int], seed: int, weights_sha256: str, device: str,
                     masks_digest: str | None = None) -> dict:
         """What a FeatureSet depends on; `key` is a `trainable.models.features.FeatureKey`. A gap key's
-        description is what it was before `pool` existed (its entries still hit); a lungs key's adds
-        the lung masks (`masks_digest`) and the modules that pool with them."""
+        description has the fields it had before `pool` existed; a lungs key's adds the lung masks
+        (`masks_digest`) and the modules that pool with them."""
         key_d = asdict(key)
         modules = ("trainable.models.features", "trainable.models.fold_bn", "trainable.data.images",
                    "trainable.models.backbones", "trainable.models.weights")

@@ -7,6 +7,7 @@ head on the pooled vectors and scores Grad-CAM exactly from the view-0 maps (`tr
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
@@ -78,23 +79,31 @@ def _forward(model: torch.nn.Module, backbone: Backbone, images: np.ndarray, mar
     return torch.cat(out)
 
 
+def global_average(maps: torch.Tensor, params: np.ndarray | None) -> torch.Tensor:
+    """A gap key's pooling of one view's maps (N, K, h, w) -> (N, K); `params`: the view's geometry."""
+    return maps.mean(dim=(2, 3))
+
+
 def compute_features(images: np.ndarray, key: FeatureKey, views: dict[str, int], seed: int,
-                     batch_size: int | None = None) -> FeatureSet:
-    """View-0 maps plus pooled vectors of `views[policy]` views for each augmentation policy."""
+                     batch_size: int | None = None,
+                     pool_view: Callable[[torch.Tensor, np.ndarray | None], torch.Tensor] = global_average
+                     ) -> FeatureSet:
+    """View-0 maps plus pooled vectors of `views[policy]` views for each augmentation policy;
+    `pool_view(maps, view params)` pools each view (params None for view 0)."""
     start = time.perf_counter()
     # one build per process: a warm feature worker computes every crop of a backbone with it
     backbone = process_backbone(key.backbone, key.weights)
     model = inference_model(backbone, key.input_size)
     maps = feature_maps(backbone, images, key.crop_margin, key.input_size, batch_size=batch_size, model=model)
-    pooled0 = maps.mean(dim=(2, 3)).numpy()
+    pooled0 = pool_view(maps, None).numpy()
     n_images = len(images)
     pooled: dict[str, np.ndarray] = {}
     for policy, n_views in views.items():
         stack = [pooled0]
         for v in range(1, n_views if policy != "none" else 1):
             params = view_params(AUGMENT_POLICIES[policy], len(images), seed, v)
-            stack.append(feature_maps(backbone, images, key.crop_margin, key.input_size, params,
-                                      batch_size, model).mean(dim=(2, 3)).numpy())
+            stack.append(pool_view(feature_maps(backbone, images, key.crop_margin, key.input_size, params,
+                                                batch_size, model), params).numpy())
             n_images += len(images)
         pooled[policy] = np.stack(stack)
     pre = backbone.preprocessing
