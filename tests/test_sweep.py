@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
+from search.outputs.select import local_prepared, trial_config
+from search.rundir import load_sweep
 from tests.conftest import cxrtune
-from trainable.export import load_model, preprocess_image
+from trainable.export import (
+    copy_export,
+    export_model,
+    load_model,
+    preprocess_image,
+    same_export,
+)
 
 METRIC_KEYS = ("balanced_accuracy", "macro_f1", "auc", "accuracy", "loss", "lung_mass", "edge_mass",
                "lung_enrichment", "objective")
@@ -121,3 +128,21 @@ def test_explain_writes_overlays_and_maps_that_match_pytorch_grad_cam(tiny_run: 
             expected = ref(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
         assert cam.shape == expected.shape == (64, 64)
         assert np.abs(cam - expected).max() <= 1e-4
+
+
+def test_selected_equal_to_best_reuses_its_refit(tiny_run: Path, tmp_path: Path) -> None:
+    """`select` copies best/ when it picks the same trial and epoch: what a second refit would write."""
+    spec, trials, saved = load_sweep(tiny_run)
+    best = trials[trials["status"] == "TERMINATED"].iloc[0]
+    epochs = int(best["best_epoch"])
+    assert same_export(tiny_run / "best", best["trial_id"], epochs)
+    assert not same_export(tiny_run / "best", trials["trial_id"].iloc[1], epochs)
+    assert not same_export(tiny_run / "best", best["trial_id"], epochs + 1)
+    copied = copy_export(tiny_run / "best", tmp_path / "copy", {"trial_id": best["trial_id"], "selected_by": "x"})
+    refit = export_model(tmp_path / "refit", trial_config(best, spec),
+                         local_prepared(tiny_run, spec, saved, [best], lambda m: None), epochs, {})
+    a, b = torch.load(copied / "model.pt"), torch.load(refit / "model.pt")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    meta = json.loads((copied / "metadata.json").read_text())
+    assert meta["cv_metrics"] == {"trial_id": best["trial_id"], "selected_by": "x"}
+    assert meta["config"] == json.loads((refit / "metadata.json").read_text())["config"]

@@ -15,6 +15,7 @@ ft epochs the trial's folds kept, and model.pt holds the fine-tuned backbone.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,13 @@ from trainable.models.registry import UnknownBackboneError, get_spec
 from trainable.progress import track
 from trainable.shared import Prepared, with_defaults
 from trainable.train.finetune import INNER_FRACTION, finetune_all
-from trainable.train.head_stage import cached_scoring, cam_term, new_fold_state, train_head_epoch, train_view
+from trainable.train.head_stage import (
+    cached_scoring,
+    cam_term,
+    new_fold_state,
+    train_head_epoch,
+    train_view,
+)
 from trainable.train.oversample import oversampled_rows
 
 
@@ -112,6 +119,27 @@ def export_model(out_dir: str | Path, config: dict, prepared: Prepared, epochs: 
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         torch.save(model.state_dict(), tmp / "model.pt")
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+    return out
+
+
+def same_export(src: str | Path, trial_id: str, epochs: int) -> bool:
+    """Whether `src` is an export of trial `trial_id` refit for `epochs` (so `copy_export` can reuse it)."""
+    path = Path(src) / "metadata.json"
+    if not path.is_file() or not (Path(src) / "model.pt").is_file():
+        return False
+    meta = json.loads(path.read_text())
+    return meta.get("cv_metrics", {}).get("trial_id") == trial_id and meta.get("epochs") == int(epochs)
+
+
+def copy_export(src: str | Path, out_dir: str | Path, metrics: dict) -> Path:
+    """`src`'s model under `out_dir` with other `cv_metrics`, written atomically: for the same trial and
+    epochs the seeded refit would write the same weights again (a fine-tuned refit costs minutes)."""
+    meta = json.loads((Path(src) / "metadata.json").read_text())
+    meta["cv_metrics"] = metrics
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        shutil.copy2(Path(src) / "model.pt", tmp / "model.pt")
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=_json_default))
     return out
 

@@ -10,19 +10,25 @@ best_lung_mass. Metric-best is the trial with the highest metric at any epoch (`
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
-from search.outputs.evidence import fold_heads, write_montage
 from search.objective import full_budget
+from search.outputs.evidence import fold_heads, write_montage
 from search.outputs.heldout import search_dataset
-from search.rundir import SweepError, check_folds, load_sweep, read_history, sweep_dataset
+from search.rundir import (
+    SweepError,
+    check_folds,
+    load_sweep,
+    read_history,
+    sweep_dataset,
+)
 from search.space import SweepSpec
 from trainable.atomic import atomic_write_text
 from trainable.errors import CxrtuneError
-from trainable.export import export_model
+from trainable.export import copy_export, export_model, same_export
 from trainable.models.featureset import FeatureKey
 from trainable.prepare import prepare_local
 from trainable.shared import Prepared
@@ -108,10 +114,13 @@ def export_selection(results: Path, within: float | None = None, metric: str | N
         prepared = local_prepared(results, spec, saved, [chosen, by_metric, best], log)
     metrics = {k.removeprefix("best_"): float(chosen[k]) for k in chosen.index
                if k.startswith("best_") and k != "best_epoch" and pd.notna(chosen[k])}
-    out = export_model(results / "selected", trial_config(chosen, spec), prepared, int(chosen["best_epoch"]),
-                       metrics | {"trial_id": chosen["trial_id"], "selected_by":
-                                  f"highest {focus_column(trials).removeprefix('best_')} with {metric} "
-                                  f"within {within} of the best, among trials that ran every epoch"})
+    metrics |= {"trial_id": chosen["trial_id"], "selected_by": f"highest {focus_column(trials).removeprefix('best_')} "
+                f"with {metric} within {within} of the best, among trials that ran every epoch"}
+    if same_export(results / "best", chosen["trial_id"], int(chosen["best_epoch"])):
+        out = copy_export(results / "best", results / "selected", metrics)   # best/ is this refit already
+    else:
+        out = export_model(results / "selected", trial_config(chosen, spec), prepared, int(chosen["best_epoch"]),
+                           metrics)
     atomic_write_text(results / "selection.json", json.dumps({
         "metric": metric, "within": within, "selected": chosen["trial_id"],
         "metric_best": by_metric["trial_id"], "objective_best": best["trial_id"],
