@@ -349,7 +349,7 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, results: Path,
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=tune_name, storage_path=storage_path, verbose=0,
-            # total_epochs: head epochs + the largest ft_epochs (ft epochs are reported like head epochs)
+            # the head epochs: ProgressLine adds each trial's own ft_epochs (reported like head epochs)
             callbacks=[ProgressLine(spec.num_samples, spec.epochs, spec.objective.metric, log),
                        LiveTrials(results, spec.epochs),
                        *(tracker_callbacks() if callbacks is None else callbacks)],
