@@ -7,7 +7,8 @@ The same space, data, trial configs and seeds, back to back in one invocation:
   trial (`trainable.train.head_stage.run_epoch`), each job timed alone on the threads a trial gets, the sum
   divided by the number of jobs that run at once (perfect packing of exactly the necessary work).
 * ``cxrtune`` — the real thing, cold: `trainable.prepare.prepare_sweep` (decode + image cache,
-  one feature task per key, disk feature cache in a fresh directory) and a Ray Tune Tuner running
+  each key once — on this one-node cluster in the driver's threads —, disk feature cache in a
+  fresh directory) and a Ray Tune Tuner running
   `trainable.trial.run_trial` for every trial.
 * ``cxrtune, warm disk cache`` — the same sweep again: decoded images and features read from the
   on-disk cache the cold run wrote (what the next sweep on the same data pays).

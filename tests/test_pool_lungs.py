@@ -192,13 +192,17 @@ def test_head_stage_trains_on_per_view_lung_pooled_vectors(phantom) -> None:
         assert np.isfinite(seen[-1]["train_loss"]) and np.isfinite(seen[-1]["focus"])
 
 
-def test_the_sweep_feature_workers_pool_over_the_same_masks(phantom, ray_local) -> None:
-    """prepare_sweep (Ray feature workers, the masks in the object store) computes what
-    prepare_local does; its driver-side cache probe addresses the lungs entry with the masks."""
+@pytest.mark.parametrize("in_driver", [False, True], ids=["feature-workers", "in-driver"])
+def test_the_sweep_feature_workers_pool_over_the_same_masks(phantom, ray_local, in_driver: bool) -> None:
+    """prepare_sweep (Ray feature workers with the masks in the object store, or the driver's
+    threads on a one-node cluster) computes what prepare_local does; its driver-side cache probe
+    addresses the lungs entry with the masks."""
     root, settings, prepared = phantom
     ds = load_dataset(root / "train", "covid_vs_rest")
+    lines: list[str] = []
     remote = prepare_sweep(ds, dataclasses.replace(settings, cache_dir="off"), [LUNGS], ["none"],
-                           progress=lambda m: None)   # view 0 only: a second policy costs another pass
+                           progress=lines.append, in_driver=in_driver)   # view 0 only: a second policy costs another pass
+    assert any(("in the driver" if in_driver else "on 1 worker(s)") in m for m in lines), lines
     assert np.allclose(remote.feature_set(LUNGS).pooled["none"][0], prepared.feature_set(LUNGS).pooled["light"][0],
                        atol=1e-5)
     lines = []

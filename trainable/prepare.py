@@ -7,12 +7,15 @@ later sweep over the same data reads them instead of decoding and running the ba
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
 import ray
+import torch
 
 from trainable.cache import FeatureStore, cache_root, cached_features, decoded_images
 from trainable.cam.lung_segment import choose_lung_masks
@@ -155,25 +158,109 @@ def _by_backbone(keys: list[FeatureKey], n_workers: int) -> list[list[FeatureKey
 
 def prepare_sweep(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKey],
                   augment_policies: Iterable[str], *, cpus: float = 1, gpus: float = 0,
-                  progress: Callable[[str], None] = print, shared: SharedArrays | None = None) -> Prepared:
+                  progress: Callable[[str], None] = print, shared: SharedArrays | None = None,
+                  in_driver: bool | None = None) -> Prepared:
     """Decode once (`shared`: already decoded by `shared_arrays`), split once, compute the features
-    of every key on warm workers (`FeatureWorker`)."""
+    of every key once, into the object store.
+
+    Where the features are computed: on warm workers (`FeatureWorker` actors), or — on a cluster
+    that is one node with this driver on it and no GPU asked for (`in_driver` None: decided here) —
+    in this process, one thread per CPU (`_in_driver`): the driver has torch imported already,
+    while a worker process pays ~3 s of imports before its first image and the trial actors that
+    follow cannot reuse it."""
     keys = sorted(set(keys), key=str)
+    if in_driver is None:
+        in_driver = gpus == 0 and _driver_is_the_cluster()
+    if in_driver:
+        return _prepare_with(_InDriver(ray.cluster_resources().get("CPU", 1)), dataset, settings, keys,
+                             augment_policies, progress, shared)
     actor = ray.remote(num_cpus=cpus, num_gpus=gpus)(FeatureWorker)
     workers = [actor.remote() for _ in range(_worker_count(len(keys), cpus, gpus))]  # start importing now
     try:
-        return _prepare_with(workers, dataset, settings, keys, augment_policies, progress, shared)
+        return _prepare_with(_OnWorkers(workers), dataset, settings, keys, augment_policies, progress, shared)
     finally:
         for w in workers:  # their CPUs go to the trials; the feature sets stay in the object store
             ray.kill(w)
 
 
-def _prepare_with(workers: list, dataset: Dataset, settings: Settings, keys: list[FeatureKey],
+def _driver_is_the_cluster() -> bool:
+    """One live node, and it is the one this process runs on (a local cluster, or `ray start` here)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive", True)]
+    return len(nodes) == 1 and nodes[0].get("NodeID") == ray.get_runtime_context().get_node_id()
+
+
+class _OnWorkers:
+    """Computes the missing keys on `FeatureWorker` actors, one backbone's keys on one worker."""
+
+    def __init__(self, workers: list) -> None:
+        self.workers = workers
+
+    def where(self, n_keys: int) -> str:
+        return f"on {min(len(self.workers), n_keys)} worker(s)"
+
+    def __call__(self, keys: list[FeatureKey], images_ref, images: np.ndarray, views: dict[str, int], seed: int,
+                 store: FeatureStore, masks_ref, masks: np.ndarray | None) -> Iterator[tuple[str, dict, object]]:
+        """(str(key), summary, FeatureSet ref) of every key, in the order they finish."""
+        pending = {}
+        for worker, q in zip(self.workers, _by_backbone(keys, len(self.workers))):
+            for k in q:  # an actor runs its calls one after another
+                summary, features = worker.compute.options(num_returns=2).remote(
+                    images_ref, k, views, seed, store, masks_ref if k.pool == "lungs" else None)
+                pending[summary] = (str(k), features)
+        summaries = list(pending)
+        while summaries:
+            done, summaries = ray.wait(summaries, num_returns=1)
+            key, features = pending[done[0]]
+            yield key, ray.get(done[0]), features  # the small summary only: the arrays stay in the object store
+
+
+class _InDriver:
+    """Computes the missing keys in this process: one thread per CPU (torch's ops release the GIL),
+    each running one backbone's keys with one intra-op thread, and puts each set in the object store."""
+
+    def __init__(self, cpus: float) -> None:
+        self.cpus = max(1, int(cpus))
+
+    def where(self, n_keys: int) -> str:
+        return f"in the driver ({min(n_keys, self.cpus)} thread(s))"
+
+    def __call__(self, keys: list[FeatureKey], images_ref, images: np.ndarray, views: dict[str, int], seed: int,
+                 store: FeatureStore, masks_ref, masks: np.ndarray | None) -> Iterator[tuple[str, dict, object]]:
+        queues = [q for q in _by_backbone(keys, min(len(keys), self.cpus)) if q]
+        done: queue.Queue = queue.Queue()
+
+        def run(q: list[FeatureKey]) -> None:
+            for k in q:
+                try:
+                    summary, fs = _feature_task(images, k, views, seed, store, masks if k.pool == "lungs" else None)
+                    done.put((str(k), summary, ray.put(fs)))
+                except BaseException as e:  # noqa: BLE001 - raised again in the driver's thread
+                    done.put(e)
+                    return
+
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(max(1, self.cpus // len(queues)))
+        threads = [threading.Thread(target=run, args=(q,), daemon=True) for q in queues]
+        try:
+            for t in threads:
+                t.start()
+            for _ in keys:
+                item = done.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for t in threads:
+                t.join()
+            torch.set_num_threads(threads_before)
+
+
+def _prepare_with(compute: _OnWorkers | _InDriver, dataset: Dataset, settings: Settings, keys: list[FeatureKey],
                   augment_policies: Iterable[str], progress: Callable[[str], None],
                   shared: SharedArrays | None) -> Prepared:
     images, store, fields, masks = shared or shared_arrays(dataset, settings, keys, progress)
     views = {p: settings.views for p in sorted(set(augment_policies))}
-    images_ref = ray.put(images)  # once per sweep: feature workers and full-path trials read it zero-copy
+    images_ref = ray.put(images)  # once per sweep: full-path trials read it zero-copy
     masks_ref = None if masks is None else ray.put(masks)  # pool: lungs keys only
     refs: dict[str, object] = {}
     hits, t1, missing = 0, time.perf_counter(), []
@@ -186,21 +273,13 @@ def _prepare_with(workers: list, dataset: Dataset, settings: Settings, keys: lis
             hits += 1
         else:
             missing.append(k)
-    summaries = []
-    for worker, queue in zip(workers, _by_backbone(missing, len(workers))):
-        for k in queue:  # an actor runs its calls one after another
-            summary, features = worker.compute.options(num_returns=2).remote(
-                images_ref, k, views, settings.seed, store, masks_ref if k.pool == "lungs" else None)
-            refs[str(k)] = features
-            summaries.append(summary)
-    if summaries:
-        progress(f"computing frozen-backbone features for {len(summaries)} key(s) on {min(len(workers), len(missing))} "
-                 f"worker(s) ({len(views)} augmentation policies, {settings.views} views each)")
-    while summaries:
-        done, summaries = ray.wait(summaries, num_returns=1)
-        s = ray.get(done[0])  # the small summary only: the arrays stay in the object store
-        hits += s["cache"] == "hit"
-        progress(_feature_line(s))
+    if missing:
+        progress(f"computing frozen-backbone features for {len(missing)} key(s) {compute.where(len(missing))} "
+                 f"({len(views)} augmentation policies, {settings.views} views each)")
+        for key, s, features in compute(missing, images_ref, images, views, settings.seed, store, masks_ref, masks):
+            refs[key] = features
+            hits += s["cache"] == "hit"
+            progress(_feature_line(s))
     fields["timings"]["features_s"] = time.perf_counter() - t1
     fields["timings"]["feature_cache_hits"] = float(hits)
     return Prepared(features=refs, images=images_ref, **fields)
