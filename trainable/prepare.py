@@ -216,7 +216,9 @@ class _OnWorkers:
 
 class _InDriver:
     """Computes the missing keys in this process: one thread per CPU (torch's ops release the GIL),
-    each running one backbone's keys with one intra-op thread, and puts each set in the object store."""
+    each with one intra-op thread, taking the next key when it is done with one (a backbone is built
+    once per process, so dealing keys by backbone saves nothing here, and a fixed deal left a core
+    idle while the slower backbone's thread finished), and puts each set in the object store."""
 
     def __init__(self, cpus: float) -> None:
         self.cpus = max(1, int(cpus))
@@ -226,21 +228,30 @@ class _InDriver:
 
     def __call__(self, keys: list[FeatureKey], images_ref, images: np.ndarray, views: dict[str, int], seed: int,
                  store: FeatureStore, masks_ref, masks: np.ndarray | None) -> Iterator[tuple[str, dict, object]]:
-        queues = [q for q in _by_backbone(keys, min(len(keys), self.cpus)) if q]
-        done: queue.Queue = queue.Queue()
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for k in keys:
+            todo.put(k)
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        failed = threading.Event()  # after a failure the other threads start no further key
 
-        def run(q: list[FeatureKey]) -> None:
-            for k in q:
+        def run() -> None:
+            while not failed.is_set():
+                try:
+                    k = todo.get_nowait()
+                except queue.Empty:
+                    return
                 try:
                     summary, fs = _feature_task(images, k, views, seed, store, masks if k.pool == "lungs" else None)
                     done.put((str(k), summary, ray.put(fs)))
                 except BaseException as e:  # noqa: BLE001 - raised again in the driver's thread
+                    failed.set()
                     done.put(e)
                     return
 
+        n_threads = min(len(keys), self.cpus)
         threads_before = torch.get_num_threads()
-        torch.set_num_threads(max(1, self.cpus // len(queues)))
-        threads = [threading.Thread(target=run, args=(q,), daemon=True) for q in queues]
+        torch.set_num_threads(max(1, self.cpus // n_threads))
+        threads = [threading.Thread(target=run, daemon=True) for _ in range(n_threads)]
         try:
             for t in threads:
                 t.start()
@@ -250,6 +261,7 @@ class _InDriver:
                     raise item
                 yield item
         finally:
+            failed.set()  # a failure or Ctrl-C here: the threads finish their current key only
             for t in threads:
                 t.join()
             torch.set_num_threads(threads_before)

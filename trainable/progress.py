@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ _EVERY_S = 10.0      # plain mode: at least one line this often, whatever the pe
 _STEPS = 10          # plain mode: a line at every further 10%
 _ABBREV = {"images": "img", "epochs": "epoch"}
 _live: list = []     # [rich Progress, users]: one live display at a time, nested loops share it
+_live_lock = threading.Lock()  # the driver's feature threads open and close bars at the same time
 
 
 def _mode() -> str:
@@ -110,22 +112,24 @@ def _open_live():
         TimeRemainingColumn,
     )
 
-    if not _live:
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("[progress.data.speed]{task.fields[rate]}"), TimeElapsedColumn(),
-                            TextColumn("ETA"), TimeRemainingColumn(), transient=True,
-                            console=Console(force_terminal=True))  # rich mode: a TTY, or CXRTUNE_PROGRESS=rich
-        progress.start()
-        _live[:] = [progress, 0]
-    _live[1] += 1
-    return _live[0]
+    with _live_lock:
+        if not _live:
+            progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("[progress.data.speed]{task.fields[rate]}"), TimeElapsedColumn(),
+                                TextColumn("ETA"), TimeRemainingColumn(), transient=True,
+                                console=Console(force_terminal=True))  # rich mode: a TTY, or CXRTUNE_PROGRESS=rich
+            progress.start()
+            _live[:] = [progress, 0]
+        _live[1] += 1
+        return _live[0]
 
 
 def _close_live() -> None:
-    _live[1] -= 1
-    if _live[1] <= 0:
-        _live[0].stop()
-        _live.clear()
+    with _live_lock:
+        _live[1] -= 1
+        if _live[1] <= 0:
+            _live[0].stop()
+            _live.clear()
 
 
 @contextmanager

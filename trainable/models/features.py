@@ -6,6 +6,7 @@ head on the pooled vectors and scores Grad-CAM exactly from the view-0 maps (`tr
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -19,6 +20,8 @@ from trainable.models.backbones import Backbone, process_backbone
 from trainable.models.featureset import FeatureKey, FeatureSet
 from trainable.models.fold_bn import fold_batchnorm
 from trainable.progress import progress
+
+_BUILD_LOCK = threading.Lock()  # compute_features: one thread builds a backbone, the others wait for it
 
 
 def inference_batch_size(device: torch.device | str | None = None) -> int:
@@ -91,9 +94,11 @@ def compute_features(images: np.ndarray, key: FeatureKey, views: dict[str, int],
     """View-0 maps plus pooled vectors of `views[policy]` views for each augmentation policy;
     `pool_view(maps, view params)` pools each view (params None for view 0)."""
     start = time.perf_counter()
-    # one build per process: a warm feature worker computes every crop of a backbone with it
-    backbone = process_backbone(key.backbone, key.weights)
-    model = inference_model(backbone, key.input_size)
+    # one build per process: a warm feature worker computes every crop of a backbone with it. The
+    # driver's feature threads (trainable.prepare) share that build: one of them makes it
+    with _BUILD_LOCK:
+        backbone = process_backbone(key.backbone, key.weights)
+        model = inference_model(backbone, key.input_size)
     maps = feature_maps(backbone, images, key.crop_margin, key.input_size, batch_size=batch_size, model=model)
     pooled0 = pool_view(maps, None).numpy()
     n_images = len(images)
