@@ -1,6 +1,7 @@
 """Entry point 1 of 3 for the driver: turn a data set and the sweep's fixed settings into what
 every trial shares — decoded labels, the folds, lung masks per crop, and feature sets (one per
-(backbone, weights, crop, input size)) computed once, as Ray tasks, and kept in the object store.
+(backbone, weights, crop, input size)) computed once — on warm Ray actors, or by the driver's
+threads when the cluster is this one machine — and kept in the object store.
 
 Decoded images and feature sets are also kept on disk (`trainable.cache`, content-addressed), so a
 later sweep over the same data reads them instead of decoding and running the backbones again.
@@ -165,7 +166,7 @@ def prepare_sweep(dataset: Dataset, settings: Settings, keys: Iterable[FeatureKe
 
     Where the features are computed: on warm workers (`FeatureWorker` actors), or — on a cluster
     that is one node with this driver on it and no GPU asked for (`in_driver` None: decided here) —
-    in this process, one thread per CPU (`_in_driver`): the driver has torch imported already,
+    in this process, one thread per CPU (`_InDriver`): the driver has torch imported already,
     while a worker process pays ~3 s of imports before its first image and the trial actors that
     follow cannot reuse it."""
     keys = sorted(set(keys), key=str)
