@@ -199,9 +199,11 @@ class _OnWorkers:
     def where(self, n_keys: int) -> str:
         return f"on {min(len(self.workers), n_keys)} worker(s)"
 
-    def __call__(self, keys: list[FeatureKey], images_ref, images: np.ndarray, views: dict[str, int], seed: int,
-                 store: FeatureStore, masks_ref, masks: np.ndarray | None) -> Iterator[tuple[str, dict, object]]:
+    def __call__(self, keys: list[FeatureKey], images: np.ndarray, images_ref, views: dict[str, int], seed: int,
+                 store: FeatureStore, masks: np.ndarray | None) -> Iterator[tuple[str, dict, object]]:
         """(str(key), summary, FeatureSet ref) of every key, in the order they finish."""
+        lung_keys = any(k.pool == "lungs" for k in keys)
+        masks_ref = ray.put(masks) if lung_keys and masks is not None else None  # read by the actors, zero-copy
         pending = {}
         for worker, q in zip(self.workers, _by_backbone(keys, len(self.workers))):
             for k in q:  # an actor runs its calls one after another
@@ -227,8 +229,8 @@ class _InDriver:
     def where(self, n_keys: int) -> str:
         return f"in the driver ({min(n_keys, self.cpus)} thread(s))"
 
-    def __call__(self, keys: list[FeatureKey], images_ref, images: np.ndarray, views: dict[str, int], seed: int,
-                 store: FeatureStore, masks_ref, masks: np.ndarray | None) -> Iterator[tuple[str, dict, object]]:
+    def __call__(self, keys: list[FeatureKey], images: np.ndarray, images_ref, views: dict[str, int], seed: int,
+                 store: FeatureStore, masks: np.ndarray | None) -> Iterator[tuple[str, dict, object]]:
         todo: queue.SimpleQueue = queue.SimpleQueue()
         for k in keys:
             todo.put(k)
@@ -273,8 +275,7 @@ def _prepare_with(compute: _OnWorkers | _InDriver, dataset: Dataset, settings: S
                   shared: SharedArrays | None) -> Prepared:
     images, store, fields, masks = shared or shared_arrays(dataset, settings, keys, progress)
     views = {p: settings.views for p in sorted(set(augment_policies))}
-    images_ref = ray.put(images)  # once per sweep: full-path trials read it zero-copy
-    masks_ref = None if masks is None else ray.put(masks)  # pool: lungs keys only
+    images_ref = ray.put(images)  # once per sweep: feature actors and full-path trials read it zero-copy
     refs: dict[str, object] = {}
     hits, t1, missing = 0, time.perf_counter(), []
     for k in keys:
@@ -289,7 +290,7 @@ def _prepare_with(compute: _OnWorkers | _InDriver, dataset: Dataset, settings: S
     if missing:
         progress(f"computing frozen-backbone features for {len(missing)} key(s) {compute.where(len(missing))} "
                  f"({len(views)} augmentation policies, {settings.views} views each)")
-        for key, s, features in compute(missing, images_ref, images, views, settings.seed, store, masks_ref, masks):
+        for key, s, features in compute(missing, images, images_ref, views, settings.seed, store, masks):
             refs[key] = features
             hits += s["cache"] == "hit"
             progress(_feature_line(s))
