@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainable.models.head_adam import HeadAdam
+
 
 class Head(nn.Module):
     """Linear(C, hidden) → ReLU → Dropout → Linear(hidden, classes), applied to pooled features."""
@@ -53,7 +55,7 @@ def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weight: torch.
     return (nn.functional.cross_entropy(logits, y, reduction="none") * sw).sum() / sw.sum()
 
 
-def train_one_epoch(head: Head, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+def train_one_epoch(head: Head, optimizer: torch.optim.Optimizer | HeadAdam, x: torch.Tensor, y: torch.Tensor,
                     batch_size: int, generator: torch.Generator, weight: torch.Tensor | None,
                     sample_weight: torch.Tensor | None = None,
                     penalty: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:

@@ -25,6 +25,7 @@ from trainable.cam.explain import GridScorer, edge_band, focus_reference
 from trainable.cam.loss import cam_loss, region_weights
 from trainable.models.featureset import FeatureSet
 from trainable.models.head import Head, predict_proba, train_one_epoch
+from trainable.models.head_adam import HeadAdam
 from trainable.shared import Prepared
 from trainable.train.balance import epoch_loss_weights
 from trainable.train.lockstep import FoldResult, cam_targets, fold_result, lockstep_epoch
@@ -37,17 +38,17 @@ if TYPE_CHECKING:
 @dataclass
 class FoldState:
     head: Head
-    optimizer: torch.optim.Optimizer
+    optimizer: HeadAdam
     generator: torch.Generator
 
 
 def new_fold_state(config: dict, n_features: int, n_classes: int, seed: int) -> FoldState:
     torch.manual_seed(seed)
     head = Head(n_features, int(config["hidden"]), n_classes, float(config["dropout"]))
-    # fused: one kernel per step instead of a dozen passes over the weights (a quarter of a
-    # head-stage epoch on CPU); the same updates to float rounding
-    opt = torch.optim.Adam(head.parameters(), lr=float(config["lr"]),
-                           weight_decay=float(config["weight_decay"]), fused=True)
+    # fused Adam: one kernel per step instead of a dozen passes over the weights (a quarter of a
+    # head-stage epoch on CPU); HeadAdam, not torch.optim.Adam, spares each trial actor the import
+    # of torch._dynamo (trainable.models.head_adam)
+    opt = HeadAdam(head.parameters(), lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
     return FoldState(head, opt, torch.Generator().manual_seed(seed))
 
 
