@@ -1,7 +1,7 @@
 """Adam for the head stage, stepped by torch's own fused Adam function, without `torch.optim.Optimizer`.
 
 Why not `torch.optim.Adam`: its constructor imports `torch._dynamo` (`Optimizer.add_param_group`
-is wrapped in `torch._disable_dynamo`, which imports it on first call): 0.96 s in every new trial
+is wrapped in `torch._disable_dynamo`, which imports it on first call): ≈ 1 s in every new trial
 actor (`benchmarks/trial_startup.py`), for a head that is never compiled. `HeadAdam` keeps Adam's
 state itself and steps with `torch.optim.adam.adam(..., fused=True)`, the function
 `torch.optim.Adam.step` calls with the same arguments: the same updates bit for bit. Its
